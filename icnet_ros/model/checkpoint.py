@@ -1,0 +1,89 @@
+"""Model checkpoints: weights in safetensors, the ModelConfig and provenance in its metadata.
+
+One file rebuilds the model with no other input. Loading parses JSON and tensors only: nothing in
+the file is executed. Writes are atomic, so a crash never leaves a torn checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from icnet_ros.atomic import atomic_path
+from icnet_ros.config import ConfigError, config_from_dict, config_to_dict
+from icnet_ros.model.icnet import ICNet, ModelConfig
+
+FORMAT = "icnet_ros.checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, or does not fit what the caller needs."""
+
+
+def save_model(path: str | Path, model: ICNet, provenance: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s weights and configuration to a safetensors file, atomically."""
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "model_config": json.dumps(config_to_dict(model.config)),
+        "provenance": json.dumps(provenance or {}, default=str),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(config, state dict, provenance) from a checkpoint, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint ({error}); it may be truncated or corrupt"
+        ) from error
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an icnet_ros checkpoint (metadata format "
+            f"{metadata.get('format')!r}, expected {FORMAT!r}); save models with icnet_ros.model.checkpoint"
+        )
+    try:
+        config = config_from_dict(ModelConfig, json.loads(metadata["model_config"]), f"{path} model_config")
+        provenance = json.loads(metadata.get("provenance", "{}"))
+    except (KeyError, json.JSONDecodeError, ConfigError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable model configuration in metadata ({error})") from error
+    return config, state, provenance
+
+
+def load_model(path: str | Path, expected_num_classes: int | None = None,
+               expected_class_map: str | None = None, map_location: str | torch.device = "cpu") -> ICNet:
+    """Rebuild the ICNet stored in `path` (eval mode). Optionally check its classes fit the caller."""
+    config, state, _ = read_checkpoint(path)
+    if expected_num_classes is not None and config.num_classes != expected_num_classes:
+        raise CheckpointError(
+            f"{path} predicts {config.num_classes} classes (class map {config.class_map!r}) but "
+            f"{expected_num_classes} are expected; use a checkpoint trained for this class map"
+        )
+    if expected_class_map is not None and config.class_map != expected_class_map:
+        raise CheckpointError(
+            f"{path} was trained for class map {config.class_map!r}, not {expected_class_map!r}"
+        )
+    model = ICNet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the stored configuration {config}: {error}") from error
+    return model.to(map_location).eval()
+
+
+def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
+    return read_checkpoint(path)[2]

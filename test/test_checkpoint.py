@@ -1,0 +1,81 @@
+"""Checkpoints: one safetensors file rebuilds the model; bad files get clear errors; writes are atomic."""
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import trained_bn_model
+from icnet_ros.model.checkpoint import CheckpointError, load_model, read_checkpoint, save_model
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    model = trained_bn_model(keep_rate=0.25, num_classes=5, class_map="camvid")
+    path = save_model(tmp_path / "m.safetensors", model, {"iteration": 7, "dataset": "synthetic"})
+    loaded = load_model(path)
+    config, _, provenance = read_checkpoint(path)
+    assert config == model.config and provenance == {"iteration": 7, "dataset": "synthetic"}
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(image), loaded(image))
+
+
+def test_wrong_class_count_is_named(tmp_path):
+    path = save_model(tmp_path / "m.safetensors", trained_bn_model(num_classes=5))
+    with pytest.raises(CheckpointError, match="predicts 5 classes .* 19 are expected"):
+        load_model(path, expected_num_classes=19)
+    with pytest.raises(CheckpointError, match="class map 'camvid', not 'cityscapes'"):
+        load_model(path, expected_class_map="cityscapes")
+
+
+def test_truncated_file_is_reported_as_corrupt(tmp_path):
+    path = save_model(tmp_path / "m.safetensors", trained_bn_model())
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(path)
+
+
+def test_pickle_files_are_rejected_without_being_executed(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_foreign_safetensors_and_missing_files(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not an icnet_ros checkpoint"):
+        load_model(tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    model = trained_bn_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "classifier.bias"}
+    meta = {"format": "icnet_ros.checkpoint/1", "provenance": "{}",
+            "model_config": json.dumps({"num_classes": 5, "keep_rate": 0.25, "class_map": "camvid"})}
+    save_file(state, str(tmp_path / "m.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = save_model(tmp_path / "m.safetensors", trained_bn_model())
+    before = path.read_bytes()
+
+    def crash(state, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("icnet_ros.model.checkpoint.save_file", crash)
+    with pytest.raises(OSError):
+        save_model(path, trained_bn_model(num_classes=3))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
