@@ -1,0 +1,1 @@
+"""Datasets (Cityscapes, CamVid, COCO-Stuff layouts), augmentation and synthetic drives."""

@@ -1,0 +1,55 @@
+"""The training configuration: one typed dataclass, loaded from config/train/<dataset>.yaml.
+
+Defaults are the paper's recipe (section 5.1); each dataset's YAML documents its own values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from icnet_ros.paths import config_dir
+
+DATASETS = ("cityscapes", "camvid", "cocostuff", "cityscapes_val9")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    dataset: Literal["cityscapes", "camvid", "cocostuff", "cityscapes_val9"] = "cityscapes"
+    data_root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    class_map: str = "cityscapes"
+    image_size: Optional[tuple[int, int]] = None  # (height, width) images are resized to first
+    crop_size: tuple[int, int] = (1024, 1024)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    mirror: bool = True
+    skip_bad: bool = False
+    workers: int = 4
+    # model
+    keep_rate: float = 0.5
+    init_from: str = ""  # a checkpoint to start from (fine-tuning, compression)
+    # optimization (paper: SGD, lr 0.01, poly 0.9, momentum 0.9, wd 1e-4, batch 16)
+    iterations: int = 30000
+    batch_size: int = 16  # global batch, split over torchrun processes
+    base_lr: float = 0.01
+    lr_power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    loss_weights: tuple[float, float, float] = (0.4, 0.4, 1.0)  # sub4, sub24, sub124
+    amp: bool = True  # mixed precision, used on CUDA only
+    # progressive compression: prune to each rate in turn, fine-tuning `iterations` after each cut
+    compress_schedule: tuple[float, ...] = ()
+    # bookkeeping
+    out_dir: str = "runs/cityscapes"
+    val_every: int = 1000
+    checkpoint_every: int = 500
+    log_every: int = 20
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # CPU threads for PyTorch; 0 keeps PyTorch's default
+
+
+def default_config_path(dataset: str):
+    return config_dir() / "train" / f"{dataset}.yaml"

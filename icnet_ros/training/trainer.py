@@ -1,0 +1,330 @@
+"""The training loop: paper recipe, AMP on CUDA, torchrun/DDP, exact resume, progressive compression.
+
+Reproducibility and exact resume come from deriving all randomness from (seed, iteration): the
+sample order of iteration i and each sample's augmentation are functions of the seed and i, so a
+run resumed at iteration k sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from icnet_ros import __version__
+from icnet_ros.atomic import atomic_path, atomic_write_text
+from icnet_ros.classmap import ClassMap, load_class_map
+from icnet_ros.config import config_to_dict
+from icnet_ros.data.datasets import build_dataset
+from icnet_ros.data.transforms import augment_sample
+from icnet_ros.evaluation.evaluate import evaluate
+from icnet_ros.model.checkpoint import load_model, save_model
+from icnet_ros.model.icnet import ICNet, ModelConfig
+from icnet_ros.model.loss import CascadeLoss
+from icnet_ros.model.prune import prune_model
+from icnet_ros.training.config import TrainConfig
+
+log = logging.getLogger("icnet_ros.train")
+STATE_FILE = "last.pt"
+MODEL_FILE = "model.safetensors"
+
+
+# --- distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) -----------------------------
+def init_distributed(device_kind: str) -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def pick_device(config: TrainConfig, local_rank: int) -> torch.device:
+    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but PyTorch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# --- data: batches as functions of (seed, iteration) ----------------------------------------------
+class IterationBatches:
+    """Batch sampler yielding, for each iteration, this process's share of the global batch.
+
+    Items are keys (dataset index, iteration, position) so that augmentation can be seeded by them.
+    Epochs are shuffled with a permutation seeded by (seed, epoch).
+    """
+
+    def __init__(self, dataset_size: int, global_batch: int, iterations: int, seed: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} must be divisible by the {world} processes")
+        self.size, self.batch, self.iterations = dataset_size, global_batch, iterations
+        self.seed, self.start, self.rank, self.world = seed, start, rank, world
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._permutations:
+            self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.size)}
+        return int(self._permutations[epoch][offset])
+
+    def __iter__(self):
+        per_rank = self.batch // self.world
+        for iteration in range(self.start, self.iterations):
+            first = iteration * self.batch + self.rank * per_rank
+            yield [(self._index(first + j), iteration, self.rank * per_rank + j) for j in range(per_rank)]
+
+    def __len__(self):
+        return self.iterations - self.start
+
+
+class AugmentedDataset(Dataset):
+    """Applies the paper's augmentation with a generator seeded by the sample's key."""
+
+    def __init__(self, base, config: TrainConfig, model_config: ModelConfig, ignore_index: int):
+        self.base, self.config, self.ignore_index = base, config, ignore_index
+        self.mean = np.asarray(model_config.input_mean, dtype=np.float32)
+        self.std = np.asarray(model_config.input_std, dtype=np.float32)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, iteration, position = key
+        rng = np.random.default_rng([self.config.seed, iteration, position])
+        sample = self.base[index]
+        image, label = augment_sample(
+            sample["image"], sample["label"], rng, crop_size=self.config.crop_size,
+            scale_range=self.config.scale_range, mirror=self.config.mirror,
+            ignore_index=self.ignore_index, image_size=self.config.image_size, pad_value=self.mean,
+        )
+        image = (image.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(label.astype(np.int64))
+
+
+def make_loader(dataset, config: TrainConfig, model_config, class_map, start, rank, world, pin):
+    sampler = IterationBatches(len(dataset), config.batch_size, config.iterations, config.seed, start, rank, world)
+    augmented = AugmentedDataset(dataset, config, model_config, class_map.ignore_index)
+    return DataLoader(augmented, batch_sampler=sampler, num_workers=config.workers, pin_memory=pin,
+                      persistent_workers=False)
+
+
+# --- learning rate and state ---------------------------------------------------------------------
+def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
+    return base_lr * (1.0 - iteration / total) ** power
+
+
+def save_state(path: Path, model, optimizer, scaler, iteration: int, config: TrainConfig) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "iteration": iteration, "config": config_to_dict(config),
+             "model_config": config_to_dict(model.config)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path, map_location) -> dict:
+    # weights_only: a training state holds tensors and plain containers; nothing in it may execute.
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --- one training stage --------------------------------------------------------------------------
+class Stage:
+    """Trains one model for config.iterations iterations in `out_dir` (resumable)."""
+
+    def __init__(self, model: ICNet, config: TrainConfig, out_dir: Path, datasets, class_map: ClassMap,
+                 device: torch.device, rank: int, world: int):
+        self.model, self.config, self.out_dir = model.to(device), config, out_dir
+        self.train_set, self.val_set = datasets
+        self.class_map, self.device, self.rank, self.world = class_map, device, rank, world
+        self.use_amp = config.amp and device.type == "cuda"
+        self.criterion = CascadeLoss(dict(zip(("sub4", "sub24", "sub124"), config.loss_weights)),
+                                     class_map.ignore_index)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.base_lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.iteration = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resume(self) -> bool:
+        path = self.out_dir / STATE_FILE
+        if not path.is_file():
+            return False
+        state = load_state(path, self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        if self.is_main:
+            log.info("resumed %s at iteration %d", path, self.iteration)
+        return True
+
+    def run(self) -> dict:
+        config = self.config
+        network = self._wrapped()
+        loader = make_loader(self.train_set, config, self.model.config, self.class_map, self.iteration,
+                             self.rank, self.world, pin=self.device.type == "cuda")
+        writer = self._tensorboard()
+        bar = tqdm(total=config.iterations, initial=self.iteration, disable=not self.is_main,
+                   desc=f"train {self.out_dir.name}", dynamic_ncols=True)
+        metrics = {}
+        self.model.train()
+        for images, labels in loader:
+            lr = self._step(network, images, labels, writer, bar)
+            self.iteration += 1
+            bar.update(1)
+            done = self.iteration == config.iterations
+            if done or self.iteration % config.checkpoint_every == 0:
+                self._checkpoint()
+            if self.val_set is not None and config.val_every and (done or self.iteration % config.val_every == 0):
+                metrics = self.validate(writer)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if self.is_main:
+            self._save_model(metrics)
+        return metrics
+
+    def _step(self, network, images, labels, writer, bar) -> float:
+        config = self.config
+        lr = poly_lr(config.base_lr, self.iteration, config.iterations, config.lr_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            outputs = network(images)
+        loss, per_branch = self.criterion({k: v.float() for k, v in outputs.items()}, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration}; lower base_lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.is_main and (self.iteration % self.config.log_every == 0):
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            if writer is not None:
+                writer.add_scalar("train/loss", loss.item(), self.iteration)
+                writer.add_scalar("train/lr", lr, self.iteration)
+                for branch, value in per_branch.items():
+                    writer.add_scalar(f"train/loss_{branch}", value.item(), self.iteration)
+        return lr
+
+    def validate(self, writer=None) -> dict:
+        metrics = evaluate(self.model, self.val_set, self.class_map, self.device,
+                           network_size=self.config.image_size, progress=False)
+        if self.is_main:
+            summary = {b: round(m["miou"] or 0.0, 4) for b, m in metrics.items()}
+            tqdm.write(f"iteration {self.iteration}: val mIoU {summary}")
+            record = {"iteration": self.iteration, **metrics}
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for branch, report in metrics.items():
+                    writer.add_scalar(f"val/miou_{branch}", report["miou"] or 0.0, self.iteration)
+        self.model.train()
+        return metrics
+
+    def _wrapped(self):
+        self.model = self.model.to(memory_format=torch.channels_last)
+        if self.world == 1:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _tensorboard(self):
+        if not self.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.iteration)
+
+    def _checkpoint(self) -> None:
+        if self.is_main:
+            save_state(self.out_dir / STATE_FILE, self.model, self.optimizer, self.scaler, self.iteration,
+                       self.config)
+
+    def _save_model(self, metrics: dict) -> None:
+        provenance = {"icnet_ros_version": __version__, "torch_version": torch.__version__,
+                      "iteration": self.iteration, "train_config": config_to_dict(self.config),
+                      "world_size": self.world, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "val_miou": {b: m["miou"] for b, m in metrics.items()}}
+        save_model(self.out_dir / MODEL_FILE, self.model.cpu(), provenance)
+        self.model.to(self.device)
+        tqdm.write(f"wrote {self.out_dir / MODEL_FILE}")
+
+
+# --- the whole run --------------------------------------------------------------------------------
+def build_datasets(config: TrainConfig, class_map: ClassMap):
+    train = build_dataset(config.dataset, config.data_root, config.train_split, class_map,
+                          skip_bad=config.skip_bad)
+    val = None
+    if config.val_split:
+        val = build_dataset(config.dataset, config.data_root, config.val_split, class_map,
+                            skip_bad=config.skip_bad)
+    return train, val
+
+
+def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
+    if config.init_from:
+        model = load_model(config.init_from, expected_num_classes=class_map.num_classes)
+        if not config.compress_schedule and model.config.keep_rate != config.keep_rate:
+            model = prune_model(model, config.keep_rate)
+        return model.train()
+    return ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
+                             class_map=class_map.name))
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Run training (or progressive compression) as configured; returns the final model's path."""
+    rank, world, local_rank = init_distributed("cuda" if config.device != "cpu" and torch.cuda.is_available()
+                                               else "cpu")
+    device = pick_device(config, local_rank)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    class_map = load_class_map(config.class_map)
+    datasets = build_datasets(config, class_map)
+    out_dir = Path(config.out_dir)
+    model = initial_model(config, class_map)
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    stages = [(out_dir, model.config.keep_rate)]
+    if config.compress_schedule:
+        stages = [(out_dir / f"keep{rate:g}", rate) for rate in config.compress_schedule]
+    for stage_dir, rate in stages:
+        if resume and (stage_dir / MODEL_FILE).is_file() and not (stage_dir / STATE_FILE).is_file():
+            model = load_model(stage_dir / MODEL_FILE).train()
+            continue
+        if rate != model.config.keep_rate:
+            model = prune_model(model, rate)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            atomic_write_text(stage_dir / "config.json", json.dumps(config_to_dict(replace(config, keep_rate=rate)),
+                                                                    indent=2))
+        stage = Stage(model, config, stage_dir, datasets, class_map, device, rank, world)
+        if resume:
+            stage.resume()
+        stage.run()
+        if rank == 0:
+            (stage_dir / STATE_FILE).unlink(missing_ok=True)  # finished: resume goes on to the next stage
+        model = stage.model
+    if world > 1:
+        dist.barrier()
+    return stages[-1][0] / MODEL_FILE

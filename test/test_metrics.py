@@ -1,0 +1,68 @@
+"""Metrics: our mIoU must equal cityscapesScripts' pixel-level evaluation on the same predictions."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from icnet_ros.classmap import load_class_map
+from icnet_ros.evaluation.metrics import ConfusionMatrix
+
+
+def test_confusion_matrix_iou_and_accuracy_by_hand():
+    matrix = ConfusionMatrix(3, ignore_index=255)
+    target = torch.tensor([0, 0, 1, 1, 255, 2])
+    prediction = torch.tensor([0, 1, 1, 1, 0, 0])
+    matrix.update(target, prediction)
+    iou = matrix.iou()
+    assert np.allclose(iou, [1 / 3, 2 / 3, 0.0])
+    assert math.isclose(matrix.pixel_accuracy(), 3 / 5)
+    report = matrix.report(["a", "b", "c"])
+    assert math.isclose(report["miou"], (1 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_classes_absent_everywhere_are_left_out_of_the_mean():
+    matrix = ConfusionMatrix(3)
+    matrix.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    report = matrix.report(["a", "b", "c"])
+    assert report["iou"]["c"] is None and report["miou"] == 1.0
+
+
+def _scene(rng, height=64, width=128):
+    """Raw Cityscapes label ids in blocks, with some void ids, and a noisy train-id prediction."""
+    class_map = load_class_map("cityscapes")
+    raw_ids = np.array([0, 4, 7, 8, 11, 17, 19, 20, 21, 23, 24, 26, 33])
+    gt = rng.choice(raw_ids, size=(height // 8, width // 8)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    train = class_map.source_to_class_lut()[gt].astype(np.int64)
+    prediction = np.where(rng.random(train.shape) < 0.7, train, rng.integers(0, 19, train.shape))
+    prediction[train == 255] = rng.integers(0, 19, (train == 255).sum())
+    return gt, train, prediction
+
+
+def test_miou_equals_cityscapesscripts_pixel_level_evaluation(tmp_path):
+    evaluation = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    class_map = load_class_map("cityscapes")
+    to_label_ids = class_map.class_to_source_lut().astype(np.uint8)
+    rng = np.random.default_rng(3)
+    matrix = ConfusionMatrix(19)
+    predictions, ground_truths = [], []
+    for index in range(3):
+        gt, train, prediction = _scene(rng)
+        name = f"frankfurt_000000_{index:06d}"
+        gt_path, pred_path = tmp_path / f"{name}_gtFine_labelIds.png", tmp_path / f"{name}_pred.png"
+        cv2.imwrite(str(gt_path), gt)
+        cv2.imwrite(str(pred_path), to_label_ids[prediction])
+        ground_truths.append(str(gt_path))
+        predictions.append(str(pred_path))
+        matrix.update(torch.from_numpy(train), torch.from_numpy(prediction))
+    args = evaluation.args
+    args.quiet, args.JSONOutput, args.evalInstLevelScore = True, False, False
+    args.exportFile = str(tmp_path / "result.json")
+    results = evaluation.evaluateImgLists(predictions, ground_truths, args)
+    ours = matrix.report(class_map.names)
+    assert math.isclose(ours["miou"], results["averageScoreClasses"], rel_tol=1e-9)
+    scores = {name.replace(" ", "_"): v for name, v in results["classScores"].items()}
+    for name in class_map.names:
+        ours_value, score = ours["iou"][name], scores[name]
+        assert (ours_value is None and math.isnan(score)) or math.isclose(ours_value, score, rel_tol=1e-9)

@@ -1,0 +1,136 @@
+"""Training: batches as functions of (seed, iteration), the poly schedule, config files, resume."""
+import math
+from pathlib import Path
+
+import pytest
+
+from icnet_ros.config import ConfigError, load_config
+from icnet_ros.training.config import TrainConfig
+from icnet_ros.training.trainer import IterationBatches, poly_lr
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "train"
+
+
+def test_batches_depend_only_on_seed_and_iteration():
+    full = list(IterationBatches(10, 4, 6, seed=1))
+    resumed = list(IterationBatches(10, 4, 6, seed=1, start=3))
+    assert resumed == full[3:]
+    assert list(IterationBatches(10, 4, 6, seed=2)) != full
+
+
+def test_every_sample_is_seen_once_per_epoch():
+    batches = list(IterationBatches(12, 4, 3, seed=0))
+    assert sorted(index for batch in batches for index, _, _ in batch) == list(range(12))
+
+
+def test_processes_split_the_global_batch_without_overlap():
+    single = list(IterationBatches(20, 4, 3, seed=0))
+    ranks = [list(IterationBatches(20, 4, 3, seed=0, rank=r, world=2)) for r in range(2)]
+    for iteration in range(3):
+        assert ranks[0][iteration] + ranks[1][iteration] == single[iteration]
+    with pytest.raises(ValueError, match="divisible"):
+        IterationBatches(20, 3, 3, seed=0, world=2)
+
+
+def test_poly_learning_rate():
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert math.isclose(poly_lr(0.01, 50, 100, 0.9), 0.01 * 0.5 ** 0.9)
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+
+
+@pytest.mark.parametrize("name", ["cityscapes", "camvid", "cocostuff", "synthetic"])
+def test_shipped_training_configs_load(name):
+    config = load_config(TrainConfig, CONFIG_DIR / f"{name}.yaml")
+    assert config.loss_weights == (0.4, 0.4, 1.0)
+
+
+def test_paper_defaults_per_dataset():
+    iterations = {n: load_config(TrainConfig, CONFIG_DIR / f"{n}.yaml").iterations
+                  for n in ("cityscapes", "camvid", "cocostuff")}
+    assert iterations == {"cityscapes": 30000, "camvid": 10000, "cocostuff": 30000}
+    defaults = TrainConfig()
+    assert (defaults.base_lr, defaults.lr_power, defaults.momentum, defaults.weight_decay,
+            defaults.batch_size, defaults.scale_range) == (0.01, 0.9, 0.9, 1e-4, 16, (0.5, 2.0))
+
+
+def test_unknown_keys_and_wrong_types_are_rejected():
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(TrainConfig, None, ["learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="iterations: expected an integer"):
+        load_config(TrainConfig, None, ["iterations=ten"])
+
+
+# --- end-to-end runs on a tiny Cityscapes layout made here ------------------------------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from icnet_ros.model.checkpoint import read_checkpoint  # noqa: E402
+
+
+def write_tiny_cityscapes(root: Path, frames=(("train", 6), ("val", 2)), size=(64, 128)) -> Path:
+    """Blocks of a few classes in the Cityscapes layout (train ids written as *_labelTrainIds.png)."""
+    rng = np.random.default_rng(0)
+    for split, count in frames:
+        for index in range(count):
+            label = rng.choice([0, 2, 8, 10, 13], size=(size[0] // 16, size[1] // 16))
+            label = label.repeat(16, 0).repeat(16, 1).astype(np.uint8)
+            image = np.stack([label * 9 % 255, label * 23 % 255, label * 41 % 255], -1).astype(np.uint8)
+            image = cv2.add(image, rng.integers(0, 30, image.shape, dtype=np.uint8))
+            stem = f"tiny_{index:06d}_000019"
+            for folder, suffix, data in (("leftImg8bit", "leftImg8bit", image[..., ::-1]),
+                                         ("gtFine", "gtFine_labelTrainIds", label)):
+                path = root / folder / split / "tiny" / f"{stem}_{suffix}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(path), data)
+    return root
+
+
+def train_command(data_root: Path, out_dir: Path, iterations=12, extra=()):
+    return [sys.executable, "-m", "icnet_ros.training.cli", "--config",
+            str(CONFIG_DIR / "synthetic.yaml"), f"data_root={data_root}", f"out_dir={out_dir}",
+            f"iterations={iterations}", "batch_size=2", "crop_size=[64, 64]", "workers=0",
+            "checkpoint_every=2", "val_every=0", "threads=1", "deterministic=true", *extra]
+
+
+def final_weights(out_dir: Path) -> dict:
+    return read_checkpoint(out_dir / "model.safetensors")[1]
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
+    data = write_tiny_cityscapes(tmp_path / "data")
+    subprocess.run(train_command(data, tmp_path / "straight"), check=True, capture_output=True)
+    killed = subprocess.Popen(train_command(data, tmp_path / "killed"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        if state.is_file() and torch.load(state, weights_only=True)["iteration"] >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed_from = torch.load(state, weights_only=True)
+    assert 4 <= resumed_from["iteration"] < 12, "the run must be killed mid-way"
+    subprocess.run(train_command(data, tmp_path / "killed", extra=["--resume"]), check=True, capture_output=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert read_checkpoint(tmp_path / "killed" / "model.safetensors")[2]["iteration"] == 12
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_on_cpu_trains_and_evaluates(tmp_path):
+    data = write_tiny_cityscapes(tmp_path / "data", frames=(("train", 8), ("val", 3)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *train_command(data, tmp_path / "ddp", iterations=6, extra=["val_every=6", "device=cpu"])[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(metrics) == 1 and "sub124" in metrics[0]
+    assert read_checkpoint(tmp_path / "ddp" / "model.safetensors")[2]["world_size"] == 2
