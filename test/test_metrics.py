@@ -66,3 +66,25 @@ def test_miou_equals_cityscapesscripts_pixel_level_evaluation(tmp_path):
     for name in class_map.names:
         ours_value, score = ours["iou"][name], scores[name]
         assert (ours_value is None and math.isnan(score)) or math.isclose(ours_value, score, rel_tol=1e-9)
+
+
+def test_evaluate_cli_writes_a_json_report_per_branch(tmp_path, capsys):
+    import json
+
+    from conftest import trained_bn_model
+    from icnet_ros.data.synthetic import make_drives
+    from icnet_ros.evaluation.cli import main
+    from icnet_ros.model.checkpoint import save_model
+
+    make_drives(tmp_path / "data", {"val": 2}, 64, 128)
+    checkpoint = save_model(tmp_path / "m.safetensors", trained_bn_model(num_classes=19, class_map="cityscapes"))
+    assert main([str(checkpoint), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"),
+                 "--split", "val", "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "pred")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["branches"]) == {"sub4", "sub24", "sub124"}
+    assert set(report["branches"]["sub124"]) == {"miou", "pixel_acc", "iou"}
+    assert "traffic_light" in report["branches"]["sub4"]["iou"]
+    predictions = sorted((tmp_path / "pred").glob("*.png"))
+    assert len(predictions) == 2
+    ids = set(np.unique(cv2.imread(str(predictions[0]), cv2.IMREAD_UNCHANGED)))
+    assert ids <= set(load_class_map("cityscapes").class_to_source_lut().tolist())  # official label ids

@@ -124,7 +124,6 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-@pytest.mark.slow
 def test_two_process_torchrun_on_cpu_trains_and_evaluates(tmp_path):
     data = write_tiny_cityscapes(tmp_path / "data", frames=(("train", 8), ("val", 3)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         writer = cityscapes_prediction_writer(args.predictions, class_map, "sub124")
     report = evaluate(model, dataset, class_map, args.device, args.branches, args.image_size, writer)
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
-              "images": len(dataset), "branches": report}
+              "images": len(dataset), "skipped": [path for path, _ in dataset.skipped], "branches": report}
     print(format_report(report, class_map.names))
+    for path, reason in dataset.skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} bad sample(s) of {len(dataset)}", file=sys.stderr)
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")

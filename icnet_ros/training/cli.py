@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset", choices=DATASETS, help="use config/train/<dataset>.yaml")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in out_dir at its last checkpoint (exact iteration and lr)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="count, log and skip unreadable or inconsistent samples instead of stopping")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     return parser
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = args.config or (default_config_path(args.dataset) if args.dataset else None)
     try:
-        config = load_config(TrainConfig, path, args.overrides)
+        overrides = list(args.overrides) + (["skip_bad=true"] if args.skip_bad else [])
+        config = load_config(TrainConfig, path, overrides)
     except ConfigError as error:
         print(f"icnet-train: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,18 @@
+"""The README's test command is exactly what CI runs, and its documented programs exist."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_command = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                  if line.startswith("python3 -m venv")][0]
+    assert ci_command in (ROOT / "README.md").read_text()
+
+
+def test_every_console_script_in_the_readme_is_in_programs_txt():
+    programs = {line.split()[1] for line in (ROOT / "programs.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    mentioned = set(re.findall(r"\b(icnet-[a-z-]+)\b", (ROOT / "README.md").read_text()))
+    assert mentioned <= programs, mentioned - programs
