@@ -184,7 +184,7 @@ class Stage:
         metrics = {}
         self.model.train()
         for images, labels in loader:
-            lr = self._step(network, images, labels, writer, bar)
+            self._step(network, images, labels, writer, bar)
             self.iteration += 1
             bar.update(1)
             done = self.iteration == config.iterations
