@@ -1,0 +1,112 @@
+"""Check that the engine's labels agree with the plain eager fp32 model on real frames.
+
+On a GPU this is the fp16 check: the engine in fp16 (folded, channels-last, CUDA graphs) against the
+unfolded eager model in fp32 with TF32 off, on the nine Cityscapes frames; the target is >= 99.5%
+of pixels with equal labels. On a CPU it compares the fp32 engine with the eager model (expect 100%).
+
+    python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --checkpoint model.safetensors
+    python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --device cpu
+
+Exit status 0 when the overall agreement reaches --target, 1 when it does not, 2 for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from icnet_ros.atomic import atomic_write_text
+from icnet_ros.inference.engine import PRECISIONS, SegmentationEngine, label_agreement
+from icnet_ros.model.checkpoint import load_model
+from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig
+
+DEFAULT_TARGET = 0.995
+
+
+def read_frames(folder: Path, pattern: str) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB frame) for every readable image in `folder` matching `pattern`."""
+    frames = []
+    for path in sorted(folder.glob(pattern)):
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is not None:
+            frames.append((path.name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+    return frames
+
+
+def reference_labels(model: ICNet, engine: SegmentationEngine, frame: np.ndarray, branch: str) -> np.ndarray:
+    """Eager fp32 labels: unfolded model, NCHW, full-resolution logits, argmax; TF32 disabled."""
+    x = engine.preprocess(frame).contiguous()  # the model's own normalization, in NCHW memory
+    with torch.no_grad():
+        return model(x, branch).argmax(1)[0].cpu().numpy()
+
+
+def build_model(checkpoint: Path | None, frames: list[np.ndarray]) -> ICNet:
+    if checkpoint is not None:
+        return load_model(checkpoint)
+    from icnet_ros.inference.benchmark import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    return calibrate_batchnorm(ICNet(ModelConfig(keep_rate=0.5, num_classes=19)), frames)
+
+
+def check(args: argparse.Namespace) -> dict:
+    """Per-frame and overall agreement of engine labels with the eager fp32 reference."""
+    frames = read_frames(args.folder, args.glob)
+    if not frames:
+        raise SystemExit(f"gpu_check: no readable image matches {args.glob!r} in {args.folder}")
+    model = build_model(args.checkpoint, [f for _, f in frames])
+    engine = SegmentationEngine(model, device=args.device, branch=args.branch, precision=args.precision)
+    model = model.to(engine.device).eval()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
+    torch.backends.cudnn.allow_tf32 = False
+    results, mine, theirs = [], [], []
+    for name, frame in frames:
+        labels = engine.segment(frame).labels
+        reference = reference_labels(model, engine, frame, args.branch)
+        results.append({"frame": name, "agreement": label_agreement(labels, reference)})
+        mine.append(labels)
+        theirs.append(reference)
+    overall = label_agreement(mine, theirs)
+    return {"device": str(engine.device), "precision": engine.precision, "branch": args.branch,
+            "weights": str(args.checkpoint) if args.checkpoint else "random (BatchNorm calibrated)",
+            "frames": results, "overall": overall, "target": args.target, "passed": overall >= args.target}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m icnet_ros.inference.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="folder of frames, e.g. ../shared/data/cityscapes_val9")
+    parser.add_argument("--glob", default="*_src.png", help="which files are frames (default: *_src.png)")
+    parser.add_argument("--checkpoint", type=Path, help="weights (default: random, BatchNorm calibrated)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="engine precision (auto: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--branch", choices=BRANCHES, default="sub124")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET)
+    parser.add_argument("--json", type=Path, help="write the report here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"gpu_check: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+    report = check(args)
+    for row in report["frames"]:
+        print(f"{row['frame']:<50} {100 * row['agreement']:8.4f} %")
+    verdict = "PASS" if report["passed"] else "FAIL"
+    print(f"{report['device']} {report['precision']} engine vs eager fp32 ({report['branch']}, {report['weights']}): "
+          f"{100 * report['overall']:.4f} % of pixels agree; target {100 * report['target']:.2f} %: {verdict}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
