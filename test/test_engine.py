@@ -326,3 +326,21 @@ def test_class_map_palette_is_padded_for_extra_classes():
     engine = SegmentationEngine(ICNet(ModelConfig(num_classes=13, keep_rate=0.25, class_map="camvid")).eval(),
                                 device="cpu")
     assert engine._palette.shape == (13, 3) and camvid.num_classes < 13
+
+
+def test_plans_key_one_graph_per_shape_branch_precision_and_outputs(engine):
+    from icnet_ros.inference import cuda  # the CUDA runner imports without a GPU
+
+    assert cuda.LANES >= 2
+    frame = scene(64, 96)
+    _, _, plan = engine._plan(frame, "rgb", True, False, False)
+    assert plan == engine._plan(scene(64, 96, seed=1), "rgb", True, False, False)[2]
+    variants = {plan}
+    engine.branch = "sub4"
+    variants.add(engine._plan(frame, "rgb", True, False, False)[2])
+    variants.add(engine._plan([frame, frame], "rgb", True, False, False)[2])
+    variants.add(engine._plan(frame, "bgr", True, True, False)[2])
+    engine.precision = "bf16"
+    variants.add(engine._plan(frame, "rgb", True, False, False)[2])
+    engine.branch, engine.precision = "sub124", "fp32"
+    assert len(variants) == 5

@@ -93,7 +93,10 @@ class CudaRunner:
         static_in = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device)  # warm-up content
         lanes = [_Lane(torch.empty(shape, dtype=torch.uint8, pin_memory=True),
                        torch.empty(shape, dtype=torch.uint8, device=self.device)) for _ in range(LANES)]
-        return _Frame(static_in, torch.zeros((), dtype=torch.int32, device=self.device), lanes)
+        frame = _Frame(static_in, torch.zeros((), dtype=torch.int32, device=self.device), lanes)
+        # The buffers were filled on the default stream; the worker streams must not race with that.
+        torch.cuda.synchronize(self.device)
+        return frame
 
     def _capture(self, frame: _Frame, plan: Plan) -> None:
         """Warm up on a side stream, then capture the network (and a static postprocess) as graphs."""

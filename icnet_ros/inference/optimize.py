@@ -10,9 +10,6 @@ Every change here keeps the function and only changes float rounding (a few ulps
 - On CPU every convolution goes to oneDNN. PyTorch's own heuristic sends small single-image inputs
   (deep layers of small frames, 1x1 kernels on one thread) to its reference kernels, which on
   channels-last tensors are up to 200x slower (10.8 ms instead of 0.05 ms for a 3x3 conv on 2x3).
-- On CPU each bottleneck's last 1x1 convolution, residual sum and ReLU run as one oneDNN primitive
-  (the fused op PyTorch's own compiler emits): the sum and ReLU no longer read and write the whole
-  feature map again (31 -> 20 ms for one 256-channel block at 128x256).
 """
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icnet_ros.model.fold import fold_batchnorm
-from icnet_ros.model.icnet import ALIGN_CORNERS, Bottleneck, ICNet, PyramidPoolingSum
+from icnet_ros.model.icnet import ALIGN_CORNERS, ICNet, PyramidPoolingSum
 
 
 class NativePyramidPoolingSum(nn.Module):
@@ -64,45 +61,12 @@ class OneDnnConv2d(nn.Conv2d):
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def fused_conv_add_relu_available() -> bool:
-    """Whether this PyTorch build has oneDNN's fused convolution + sum + ReLU (CPU builds with mkldnn)."""
-    try:
-        return torch.backends.mkldnn.is_available() and "binary" in torch.ops.mkldnn._convolution_pointwise.overloads()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class FusedBottleneck(nn.Module):
-    """A folded Bottleneck whose `increase` conv, residual sum and ReLU are one oneDNN call on CPU fp32.
-
-    Same function as Bottleneck.forward: relu(increase(conv(reduce(x))) + shortcut).
-    """
-
-    def __init__(self, block: Bottleneck) -> None:
-        super().__init__()
-        self.reduce, self.conv, self.increase, self.projection = (block.reduce, block.conv, block.increase,
-                                                                  block.projection)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.projection is None else self.projection(x)
-        hidden = self.conv(self.reduce(x))
-        if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
-            return F.relu(self.increase(hidden) + shortcut, inplace=True)
-        conv = self.increase.conv
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            hidden, shortcut, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "add", 1.0, "relu", [], "")
-
-
 def _swap_modules(root: nn.Module, cpu: bool) -> None:
-    """Replace the pyramid pooling everywhere; on CPU also every Conv2d and the folded bottlenecks."""
-    fuse = cpu and fused_conv_add_relu_available()
+    """Replace the pyramid pooling everywhere, and on CPU every Conv2d by OneDnnConv2d."""
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, PyramidPoolingSum):
                 setattr(parent, name, NativePyramidPoolingSum(child.bins))
-            elif fuse and isinstance(child, Bottleneck) and isinstance(child.increase.bn, nn.Identity):
-                setattr(parent, name, FusedBottleneck(child))
             elif cpu and type(child) is nn.Conv2d and isinstance(child.padding, tuple):
                 setattr(parent, name, OneDnnConv2d.replacing(child))
 
