@@ -16,8 +16,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import posixpath
 import re
 import sys
 from collections import Counter, deque
@@ -31,13 +31,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from icnet_ros.atomic import atomic_write_bytes
+from icnet_ros.atomic import atomic_write_bytes, atomic_write_text
 from icnet_ros.bags.io import BagError
 from icnet_ros.inference.engine import Segmentation, SegmentationEngine
 from icnet_ros.inference.frames import FrameError, check_frame
 from icnet_ros.inference.timing import TimingLog
 from icnet_ros.model.checkpoint import CheckpointError
 from icnet_ros.model.icnet import BRANCHES
+from icnet_ros.ros.topics import output_topics as ros_output_topics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -217,15 +218,11 @@ class AtomicVideoWriter:
 
 
 def output_topics(input_topic: str | None) -> dict[str, str]:
-    """Output topics beside the input: /cam/image_raw -> /cam/segmentation/{labels,color,overlay}.
-
-    An image_transport subtopic (/cam/image_raw/compressed) counts as its base topic.
+    """Absolute output topics beside the input, named as the node names them (icnet_ros.ros.topics):
+    /cam/image_raw -> /cam/segmentation/{labels,color,overlay}; no input topic -> /segmentation/...
     """
-    topic = (input_topic or "").rstrip("/")
-    topic = topic.removesuffix("/compressed")
-    namespace = posixpath.dirname(topic)
-    base = posixpath.join(namespace or "/", "segmentation")
-    return {name: posixpath.join(base, name) for name in ("labels", "color", "overlay")}
+    topics = ros_output_topics(input_topic)
+    return {name: "/" + topics[name].lstrip("/") for name in ("labels", "color", "overlay")}
 
 
 class Outputs:
@@ -248,7 +245,7 @@ class Outputs:
         """Which engine outputs the requested files need (the rest is never computed)."""
         bag = self.bag is not None
         return {"labels": self.args.labels or bag, "color": self.args.color or bag,
-                "overlay": self.video is not None or bag}
+                "overlay": self.args.overlay or self.video is not None or bag}
 
     def write(self, frame: InputFrame, seg: Segmentation) -> None:
         out = self.args.out
@@ -256,6 +253,8 @@ class Outputs:
             write_png(out / "labels" / f"{frame.name}.png", self.label_image(seg.labels))
         if self.args.color:
             write_png(out / "color" / f"{frame.name}.png", cv2.cvtColor(seg.color, cv2.COLOR_RGB2BGR))
+        if self.args.overlay:
+            write_png(out / "overlay" / f"{frame.name}.png", cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
         if self.video is not None:
             self.video.write(cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
         if self.bag is not None:
@@ -313,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train: class ids; dataset: the dataset's own ids (e.g. Cityscapes label ids)")
     parser.add_argument("--no-labels", dest="labels", action="store_false", help="skip label PNGs")
     parser.add_argument("--no-color", dest="color", action="store_false", help="skip colorized PNGs")
+    parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs (overlay/<name>.png)")
     parser.add_argument("--overlay-video", type=Path, help="write an mp4v overlay video here")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colors (0..1)")
     parser.add_argument("--fps", type=float, default=None, help="overlay video rate (default: the input's)")
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--branch", choices=BRANCHES, default="sub124")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--summary-json", type=Path, help="write the timing summary and counts here as JSON")
     return parser
 
 
@@ -342,8 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             frames = checked_frames(open_source(args.input, kind, args.topic, skips), skips)
             wants = outputs.wants
             if not any(wants.values()):
-                raise OfflineError("nothing to write: --no-labels and --no-color without --overlay-video "
-                                   "or --out-bag")
+                raise OfflineError("nothing to write: --no-labels and --no-color without --overlay, "
+                                   "--overlay-video or --out-bag")
             for frame, seg in tqdm(segment_frames(engine, frames, wants), desc="segmenting", unit="frame"):
                 outputs.write(frame, seg)
                 log.add(seg.timings)
@@ -353,7 +354,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             success = True
         finally:
             outputs.close(success)
-    return {"frames": outputs.written, "skipped": dict(skips.counts), "timing": log, "kind": kind}
+    summary = {"frames": outputs.written, "skipped": dict(skips.counts), "timing": log, "kind": kind,
+               "device": str(engine.device), "precision": engine.precision, "branch": engine.branch}
+    if args.summary_json:
+        atomic_write_text(args.summary_json, json.dumps(summary_record(summary, args), indent=2) + "\n")
+    return summary
+
+
+def summary_record(summary: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The run's summary as plain JSON: counts, settings, and p50 / p95 per stage."""
+    log: TimingLog = summary["timing"]
+    return {"input": str(args.input), "checkpoint": str(args.checkpoint), "out": str(args.out),
+            "frames": summary["frames"], "skipped": summary["skipped"], "device": summary["device"],
+            "precision": summary["precision"], "branch": summary["branch"], "stages_ms": log.summary(),
+            "fps": log.fps()}
 
 
 def main(argv: list[str] | None = None) -> int:

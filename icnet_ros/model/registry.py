@@ -1,0 +1,101 @@
+"""Which checkpoint to load for a dataset and a compression level, and the bundled demo weights.
+
+The node and the launch file select a model by dataset (class map) and kernel keeping rate. A
+folder of checkpoints named icnet_<dataset>_keep<rate>.safetensors serves every combination; with
+no folder, the demo weights shipped inside the package serve cityscapes at keep rate 0.25. The demo
+weights were trained on synthetic drives only (see README.md): they show the pipeline working, and
+they are not a model for real roads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from icnet_ros.model.checkpoint import CheckpointError, read_checkpoint
+from icnet_ros.paths import asset_path
+
+DEMO_WEIGHTS_NAME = "demo_synthetic_keep0.25.safetensors"
+DEMO_DATASET = "cityscapes"
+DEMO_KEEP_RATE = 0.25
+DEMO_TRAINING_COMMAND = ("icnet-make-drives --out data/synthetic_demo --splits train=400,val=40 --height 512 "
+                         "--width 1024 && icnet-train --config config/train/demo.yaml")
+
+
+def demo_weights() -> Path:
+    """The bundled demo checkpoint (keep rate 0.25, Cityscapes classes, trained on synthetic drives)."""
+    path = asset_path(DEMO_WEIGHTS_NAME)
+    if not path.is_file():
+        raise CheckpointError(
+            f"the demo weights {path} are missing from this installation; reinstall icnet_ros, or rebuild "
+            f"them with: {DEMO_TRAINING_COMMAND}"
+        )
+    return path
+
+
+def checkpoint_name(dataset: str, keep_rate: float) -> str:
+    """icnet_<dataset>_keep<rate>.safetensors, the rate as written in the launch argument (1.0, 0.5, 0.25)."""
+    return f"icnet_{dataset}_keep{format_keep_rate(keep_rate)}.safetensors"
+
+
+def format_keep_rate(keep_rate: float) -> str:
+    """1.0 -> "1.0", 0.5 -> "0.5", 0.25 -> "0.25": as the launch argument and file names write it."""
+    text = f"{float(keep_rate):g}"
+    return text if "." in text else f"{text}.0"
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path
+    is_demo: bool
+
+
+def resolve_checkpoint(model: str, model_dir: str, dataset: str, keep_rate: float) -> ResolvedCheckpoint:
+    """The checkpoint for these settings, checked to predict `dataset`'s classes at `keep_rate`.
+
+    model: an explicit file (wins); otherwise <model_dir>/<checkpoint_name>; otherwise the demo
+    weights when dataset and keep rate are theirs. CheckpointError says what was looked for.
+    """
+    if model:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"model {path} does not exist; give the path of a .safetensors checkpoint "
+                                  "written by icnet-train, or leave model empty to select one by dataset and "
+                                  "keep_rate")
+        resolved = ResolvedCheckpoint(path, is_demo=False)
+    else:
+        resolved = _by_name(model_dir, dataset, keep_rate)
+    check_matches(resolved.path, dataset, keep_rate)
+    return resolved
+
+
+def _by_name(model_dir: str, dataset: str, keep_rate: float) -> ResolvedCheckpoint:
+    name = checkpoint_name(dataset, keep_rate)
+    looked = []
+    if model_dir:
+        candidate = Path(model_dir).expanduser() / name
+        if candidate.is_file():
+            return ResolvedCheckpoint(candidate, is_demo=False)
+        looked.append(str(candidate))
+    if dataset == DEMO_DATASET and float(keep_rate) == DEMO_KEEP_RATE:
+        return ResolvedCheckpoint(demo_weights(), is_demo=True)
+    where = f"looked for {looked[0]}" if looked else "model and model_dir are empty"
+    raise CheckpointError(
+        f"no checkpoint for dataset {dataset} at keep rate {keep_rate:g} ({where}). Train one with "
+        f"`icnet-train --dataset {dataset} keep_rate={keep_rate:g}` and copy its model.safetensors to "
+        f"<model_dir>/{name}, or pass model:=<file>. Bundled demo weights exist only for dataset "
+        f"{DEMO_DATASET} at keep rate {DEMO_KEEP_RATE:g}."
+    )
+
+
+def check_matches(path: Path, dataset: str, keep_rate: float) -> None:
+    """CheckpointError unless the checkpoint predicts `dataset`'s class map at `keep_rate`."""
+    config = read_checkpoint(path)[0]
+    problems = []
+    if config.class_map != dataset:
+        problems.append(f"it predicts the {config.class_map!r} class map, not {dataset!r}")
+    if abs(config.keep_rate - float(keep_rate)) > 1e-9:
+        problems.append(f"its keep rate is {config.keep_rate:g}, not {float(keep_rate):g}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit the requested settings: {'; '.join(problems)}. "
+                              f"Set dataset:={config.class_map} keep_rate:={config.keep_rate:g}, or choose "
+                              "another checkpoint")

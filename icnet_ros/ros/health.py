@@ -1,0 +1,189 @@
+"""Per-camera counters and the diagnostic verdict the node publishes on /diagnostics (no ROS imports).
+
+The node feeds events in (frame received, replaced before processing, malformed, segmented, engine
+failure) with timestamps from its clock; camera_report() turns them into a level, a one-line
+message and key/value pairs, which the node hands to diagnostic_updater unchanged. The rules:
+
+- ERROR: no frame for stall_timeout_s (input stalled, or nothing since start), or the engine failed
+  on frames in the last window;
+- WARN: waiting for a first frame, a rate below expected_rate_hz * (1 - rate_tolerance), a median
+  latency above max_latency_ms, or malformed frames in the last window;
+- OK otherwise. Dropped frames alone are not a fault: latest-frame processing drops by design when
+  the camera is faster than the engine. They are reported, and the rate check catches a slow engine.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The diagnostic settings of NodeConfig (the node passes its current configuration)."""
+
+    expected_rate_hz: float = 0.0
+    rate_tolerance: float = 0.2
+    max_latency_ms: float = 0.0
+    stall_timeout_s: float = 2.0
+    diagnostics_window_s: float = 5.0
+
+    @classmethod
+    def from_config(cls, config) -> Thresholds:
+        return cls(config.expected_rate_hz, config.rate_tolerance, config.max_latency_ms, config.stall_timeout_s,
+                   config.diagnostics_window_s)
+
+
+@dataclass(frozen=True)
+class DiagnosticReport:
+    level: int
+    message: str
+    values: tuple[tuple[str, str], ...]
+
+    @property
+    def level_name(self) -> str:
+        return LEVEL_NAMES[self.level]
+
+
+@dataclass
+class CameraStats:
+    topic: str
+    received: int = 0
+    dropped: int = 0
+    malformed: int = 0
+    failed: int = 0
+    processed: int = 0
+    first_received_ns: int | None = None
+    last_received_ns: int | None = None
+    last_problem: str = ""
+    # (publish time ns, latency ms, node time ms) of recent segmented frames
+    segmented: deque = field(default_factory=deque)
+    malformed_at: deque = field(default_factory=deque)  # times of recent malformed frames
+    failed_at: deque = field(default_factory=deque)  # times of recent engine failures
+
+
+class HealthMonitor:
+    """Thread-safe counters per camera: the executor thread reports arrivals, the worker the rest."""
+
+    def __init__(self, topics: list[str], started_ns: int) -> None:
+        self.cameras = [CameraStats(topic) for topic in topics]
+        self.started_ns = started_ns
+        self._lock = threading.Lock()
+
+    # --- events ---------------------------------------------------------------------------------
+    def frame_received(self, camera: int, now_ns: int, replaced_unprocessed: bool) -> None:
+        with self._lock:
+            stats = self.cameras[camera]
+            stats.received += 1
+            stats.dropped += int(replaced_unprocessed)
+            if stats.first_received_ns is None:
+                stats.first_received_ns = now_ns
+            stats.last_received_ns = now_ns
+
+    def frame_malformed(self, camera: int, now_ns: int, problem: str) -> None:
+        with self._lock:
+            stats = self.cameras[camera]
+            stats.malformed += 1
+            stats.malformed_at.append(now_ns)
+            stats.last_problem = problem
+
+    def frames_failed(self, cameras: list[int], now_ns: int, problem: str) -> None:
+        with self._lock:
+            for camera in cameras:
+                stats = self.cameras[camera]
+                stats.failed += 1
+                stats.failed_at.append(now_ns)
+                stats.last_problem = problem
+
+    def frame_segmented(self, camera: int, now_ns: int, latency_ms: float, node_ms: float) -> None:
+        with self._lock:
+            stats = self.cameras[camera]
+            stats.processed += 1
+            stats.segmented.append((now_ns, latency_ms, node_ms))
+
+    def counts(self, camera: int) -> tuple[int, int, int]:
+        """(processed, dropped, malformed) of one camera, for the timing message."""
+        with self._lock:
+            stats = self.cameras[camera]
+            return stats.processed, stats.dropped, stats.malformed
+
+    # --- verdicts -------------------------------------------------------------------------------
+    def camera_report(self, camera: int, now_ns: int, thresholds: Thresholds) -> DiagnosticReport:
+        with self._lock:
+            stats = self.cameras[camera]
+            window_ns = int(thresholds.diagnostics_window_s * NS_PER_S)
+            self._forget_before(stats, now_ns - window_ns)
+            rate = self._rate(stats, now_ns, window_ns)
+            latencies = [latency for _, latency, _ in stats.segmented]
+            node_times = [node_ms for _, _, node_ms in stats.segmented]
+            problems = self._problems(stats, now_ns, thresholds, rate, latencies)
+            values = (
+                ("topic", stats.topic),
+                ("rate_hz", f"{rate:.2f}"),
+                ("latency_ms_median", _median_text(latencies)),
+                ("node_time_ms_median", _median_text(node_times)),
+                ("frames_received", str(stats.received)),
+                ("frames_segmented", str(stats.processed)),
+                ("frames_dropped", str(stats.dropped)),
+                ("frames_malformed", str(stats.malformed)),
+                ("frames_failed", str(stats.failed)),
+                ("last_problem", stats.last_problem or "none"),
+            )
+        level = max((level for level, _ in problems), default=OK)
+        message = "; ".join(text for _, text in problems) or f"segmenting at {rate:.1f} Hz"
+        return DiagnosticReport(level, message, values)
+
+    @staticmethod
+    def _forget_before(stats: CameraStats, cutoff_ns: int) -> None:
+        for events in (stats.malformed_at, stats.failed_at):
+            while events and events[0] < cutoff_ns:
+                events.popleft()
+        while stats.segmented and stats.segmented[0][0] < cutoff_ns:
+            stats.segmented.popleft()
+
+    @staticmethod
+    def _rate(stats: CameraStats, now_ns: int, window_ns: int) -> float:
+        """Segmented frames per second over the window (or since the first frame, if that is shorter)."""
+        if stats.first_received_ns is None:
+            return 0.0
+        span_ns = min(window_ns, now_ns - stats.first_received_ns)
+        return len(stats.segmented) * NS_PER_S / span_ns if span_ns > 0 else 0.0
+
+    def _problems(self, stats: CameraStats, now_ns: int, thresholds: Thresholds, rate: float,
+                  latencies: list[float]) -> list[tuple[int, str]]:
+        stall_ns = thresholds.stall_timeout_s * NS_PER_S
+        problems = []
+        if stats.last_received_ns is None:
+            waited_s = (now_ns - self.started_ns) / NS_PER_S
+            if waited_s > thresholds.stall_timeout_s:
+                problems.append((ERROR, f"no image received on {stats.topic} in {waited_s:.1f} s since start"))
+            else:
+                problems.append((WARN, f"waiting for the first image on {stats.topic}"))
+        elif now_ns - stats.last_received_ns > stall_ns:
+            silent_s = (now_ns - stats.last_received_ns) / NS_PER_S
+            problems.append((ERROR, f"input stalled: no image on {stats.topic} for {silent_s:.1f} s"))
+        if stats.failed_at:
+            problems.append((ERROR, f"segmentation failed on {len(stats.failed_at)} frame(s) in the last "
+                                    f"{thresholds.diagnostics_window_s:g} s: {stats.last_problem}"))
+        if stats.malformed_at:
+            problems.append((WARN, f"{len(stats.malformed_at)} malformed frame(s) in the last "
+                                   f"{thresholds.diagnostics_window_s:g} s: {stats.last_problem}"))
+        stalled = any(level == ERROR for level, _ in problems[:1]) or stats.last_received_ns is None
+        minimum_rate = thresholds.expected_rate_hz * (1.0 - thresholds.rate_tolerance)
+        if thresholds.expected_rate_hz > 0 and not stalled and rate < minimum_rate:
+            problems.append((WARN, f"rate {rate:.1f} Hz is below the expected {thresholds.expected_rate_hz:g} Hz "
+                                   f"(minimum {minimum_rate:.1f} Hz); {stats.dropped} frame(s) dropped so far"))
+        if thresholds.max_latency_ms > 0 and latencies and float(np.median(latencies)) > thresholds.max_latency_ms:
+            problems.append((WARN, f"median latency {float(np.median(latencies)):.0f} ms is above "
+                                   f"{thresholds.max_latency_ms:g} ms"))
+        return problems
+
+
+def _median_text(values: list[float]) -> str:
+    return f"{float(np.median(values)):.2f}" if values else "n/a"
