@@ -149,40 +149,45 @@ class HealthMonitor:
 
     @staticmethod
     def _rate(stats: CameraStats, now_ns: int, window_ns: int) -> float:
-        """Segmented frames per second over the window (or since the first frame, if that is shorter)."""
-        if stats.first_received_ns is None:
-            return 0.0
-        span_ns = min(window_ns, now_ns - stats.first_received_ns)
-        return len(stats.segmented) * NS_PER_S / span_ns if span_ns > 0 else 0.0
+        """Segmented frames per second: over the whole window, or between the first and last frame while
+        the stream is younger than the window (so a fresh stream is neither under- nor over-counted)."""
+        times = [t for t, _, _ in stats.segmented]
+        if stats.first_received_ns is not None and now_ns - stats.first_received_ns >= window_ns:
+            return len(times) * NS_PER_S / window_ns
+        if len(times) >= 2 and times[-1] > times[0]:
+            return (len(times) - 1) * NS_PER_S / (times[-1] - times[0])
+        return 0.0
 
     def _problems(self, stats: CameraStats, now_ns: int, thresholds: Thresholds, rate: float,
                   latencies: list[float]) -> list[tuple[int, str]]:
-        stall_ns = thresholds.stall_timeout_s * NS_PER_S
-        problems = []
+        window = f"in the last {thresholds.diagnostics_window_s:g} s"
+        input_problem = self._input_problem(stats, now_ns, thresholds)
+        problems = [input_problem] if input_problem else []
+        if stats.failed_at:
+            problems.append((ERROR, f"segmentation failed on {len(stats.failed_at)} frame(s) {window}: "
+                                    f"{stats.last_problem}"))
+        if stats.malformed_at:
+            problems.append((WARN, f"{len(stats.malformed_at)} malformed frame(s) {window}: {stats.last_problem}"))
+        minimum_rate = thresholds.expected_rate_hz * (1.0 - thresholds.rate_tolerance)
+        if thresholds.expected_rate_hz > 0 and input_problem is None and rate < minimum_rate:
+            problems.append((WARN, f"rate {rate:.1f} Hz is below the expected {thresholds.expected_rate_hz:g} Hz "
+                                   f"(minimum {minimum_rate:.1f} Hz); {stats.dropped} frame(s) dropped so far"))
+        median_latency = float(np.median(latencies)) if latencies else 0.0
+        if thresholds.max_latency_ms > 0 and median_latency > thresholds.max_latency_ms:
+            problems.append((WARN, f"median latency {median_latency:.0f} ms is above {thresholds.max_latency_ms:g} ms"))
+        return problems
+
+    def _input_problem(self, stats: CameraStats, now_ns: int, thresholds: Thresholds) -> tuple[int, str] | None:
+        """ERROR for a stalled (or never started) camera, WARN while waiting for its first frame."""
         if stats.last_received_ns is None:
             waited_s = (now_ns - self.started_ns) / NS_PER_S
             if waited_s > thresholds.stall_timeout_s:
-                problems.append((ERROR, f"no image received on {stats.topic} in {waited_s:.1f} s since start"))
-            else:
-                problems.append((WARN, f"waiting for the first image on {stats.topic}"))
-        elif now_ns - stats.last_received_ns > stall_ns:
-            silent_s = (now_ns - stats.last_received_ns) / NS_PER_S
-            problems.append((ERROR, f"input stalled: no image on {stats.topic} for {silent_s:.1f} s"))
-        if stats.failed_at:
-            problems.append((ERROR, f"segmentation failed on {len(stats.failed_at)} frame(s) in the last "
-                                    f"{thresholds.diagnostics_window_s:g} s: {stats.last_problem}"))
-        if stats.malformed_at:
-            problems.append((WARN, f"{len(stats.malformed_at)} malformed frame(s) in the last "
-                                   f"{thresholds.diagnostics_window_s:g} s: {stats.last_problem}"))
-        stalled = any(level == ERROR for level, _ in problems[:1]) or stats.last_received_ns is None
-        minimum_rate = thresholds.expected_rate_hz * (1.0 - thresholds.rate_tolerance)
-        if thresholds.expected_rate_hz > 0 and not stalled and rate < minimum_rate:
-            problems.append((WARN, f"rate {rate:.1f} Hz is below the expected {thresholds.expected_rate_hz:g} Hz "
-                                   f"(minimum {minimum_rate:.1f} Hz); {stats.dropped} frame(s) dropped so far"))
-        if thresholds.max_latency_ms > 0 and latencies and float(np.median(latencies)) > thresholds.max_latency_ms:
-            problems.append((WARN, f"median latency {float(np.median(latencies)):.0f} ms is above "
-                                   f"{thresholds.max_latency_ms:g} ms"))
-        return problems
+                return ERROR, f"no image received on {stats.topic} in {waited_s:.1f} s since start"
+            return WARN, f"waiting for the first image on {stats.topic}"
+        silent_s = (now_ns - stats.last_received_ns) / NS_PER_S
+        if silent_s > thresholds.stall_timeout_s:
+            return ERROR, f"input stalled: no image on {stats.topic} for {silent_s:.1f} s"
+        return None
 
 
 def _median_text(values: list[float]) -> str:

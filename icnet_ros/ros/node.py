@@ -21,8 +21,14 @@ from functools import partial
 import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from diagnostic_updater import Updater
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
-from rclpy.exceptions import InvalidParameterTypeException, ParameterException
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -34,7 +40,14 @@ from icnet_ros.model.checkpoint import CheckpointError
 from icnet_ros.model.registry import resolve_checkpoint
 from icnet_ros.msg import SegmentationTiming
 from icnet_ros.ros.health import ERROR, OK, WARN, HealthMonitor, Thresholds
-from icnet_ros.ros.node_config import NodeConfig, dynamic_parameters, node_config_from_dict, parameter_specs, with_changes
+from icnet_ros.ros.node_config import (
+    NODE_NAME,
+    NodeConfig,
+    dynamic_parameters,
+    node_config_from_dict,
+    parameter_specs,
+    with_changes,
+)
 from icnet_ros.ros.pipeline import (
     FrameProcessor,
     IncomingFrame,
@@ -46,7 +59,6 @@ from icnet_ros.ros.pipeline import (
 )
 from icnet_ros.ros.topics import TopicError, output_topics, subscription_topic
 
-NODE_NAME = "icnet_segmentation"
 PARAMETER_TYPES = {
     "string": ParameterType.PARAMETER_STRING,
     "double": ParameterType.PARAMETER_DOUBLE,
@@ -107,7 +119,7 @@ class SegmentationNode(Node):
                     from_value=int(spec.value_range[0]), to_value=int(spec.value_range[1]), step=1)]
             try:
                 values[spec.name] = self.declare_parameter(spec.name, spec.default, descriptor).value
-            except (InvalidParameterTypeException, ParameterException) as error:
+            except (InvalidParameterTypeException, InvalidParameterValueException) as error:
                 raise ConfigError(f"parameter {spec.name}: {error}; expected a {spec.kind} "
                                   f"({spec.constraints or spec.description})") from None
         return node_config_from_dict(values, "ROS parameters")
@@ -179,10 +191,12 @@ class SegmentationNode(Node):
 
     # --- diagnostics ----------------------------------------------------------------------------
     def _create_diagnostics(self, topics: list[str]) -> Updater:
-        updater = Updater(self)
+        updater = Updater(self)  # positional only: older releases take no period
         updater.setHardwareID(f"icnet_ros on {self.engine.device}")
         for index, topic in enumerate(topics):
             updater.add(f"segmentation {topic}", partial(self._diagnose_camera, index))
+        if getattr(updater, "timer", None) is None:  # releases without their own timer publish on demand
+            self._diagnostics_timer = self.create_timer(1.0, updater.force_update)
         return updater
 
     def _diagnose_camera(self, camera: int, status):

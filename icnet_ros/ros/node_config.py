@@ -22,6 +22,7 @@ import yaml
 from icnet_ros.config import ConfigError, config_from_dict, config_to_dict
 from icnet_ros.paths import config_dir
 
+NODE_NAME = "icnet_segmentation"
 KEEP_RATES = (1.0, 0.5, 0.25)
 DATASETS = ("cityscapes", "camvid", "cocostuff")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -172,7 +173,7 @@ def default_params_file() -> Path:
     return config_dir() / "segment.yaml"
 
 
-def read_ros_parameters(path: str | Path, node_name: str = "icnet_segmentation") -> dict[str, Any]:
+def read_ros_parameters(path: str | Path, node_name: str = NODE_NAME) -> dict[str, Any]:
     """The `ros__parameters` mapping a ROS parameter file gives `node_name` (`/**` and the node's own)."""
     path = Path(path)
     if not path.is_file():

@@ -1,0 +1,80 @@
+"""The first run: the embedded drive, the bundled demo weights and icnet-demo's outputs."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from icnet_ros import demo
+from icnet_ros.bags.io import iter_image_messages
+from icnet_ros.classmap import load_class_map
+from icnet_ros.model.checkpoint import read_checkpoint
+from icnet_ros.model.registry import DEMO_KEEP_RATE, demo_weights
+
+
+@pytest.fixture
+def small_drive(tmp_path, monkeypatch):
+    """The demo drive, shortened to 4 frames at 256x512 so the default test run stays quick."""
+    monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "DRIVE_FRAMES", 4)
+    monkeypatch.setattr(demo, "DRIVE_HEIGHT", 256)
+    monkeypatch.setattr(demo, "DRIVE_WIDTH", 512)
+    return tmp_path
+
+
+def test_demo_weights_are_the_documented_model():
+    config, state, provenance = read_checkpoint(demo_weights())
+    assert (config.class_map, config.keep_rate, config.num_classes) == ("cityscapes", DEMO_KEEP_RATE, 19)
+    assert demo_weights().stat().st_size < 10 * 2**20
+    assert provenance["iteration"] == provenance["train_config"]["iterations"] == 8000
+    assert provenance["train_config"]["data_root"] == "data/synthetic_demo"
+
+
+def test_the_drive_is_rendered_once_and_identically(small_drive, tmp_path):
+    first = demo.ensure_demo_drive()
+    frames = sorted(demo.drive_images(first).glob("*.png"))
+    assert [p.stem for p in frames] == [demo.frame_name(i) for i in range(4)]
+    assert len(list(demo.drive_labels(first).glob("*.png"))) == 4
+    stamp = frames[0].stat().st_mtime_ns
+    assert demo.ensure_demo_drive() == first and frames[0].stat().st_mtime_ns == stamp  # cached
+    again = demo.ensure_demo_drive(tmp_path / "second")
+    for path in frames:
+        assert (demo.drive_images(again) / path.name).read_bytes() == path.read_bytes()
+
+
+def test_demo_writes_every_output_and_segments_the_street(small_drive, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "overlay.mp4") in printed and "mIoU on the drive" in printed
+    names = [demo.frame_name(i) for i in range(4)]
+    for folder in ("labels", "color", "overlay"):
+        assert sorted(p.stem for p in (out / folder).glob("*.png")) == names
+    assert (out / "overlay.mp4").stat().st_size > 1000
+    summary = json.loads((out / "timing.json").read_text())
+    assert summary["frames"] == 4 and summary["stages_ms"]["total"]["p50"] > 0
+    assert summary["drive_miou"]["miou"] > 0.3  # the weights recognise the synthetic street
+
+    class_map = load_class_map("cityscapes")
+    drive = demo.drive_images()
+    for name in names:
+        image = cv2.imread(str(drive / f"{name}.png"))
+        overlay = cv2.imread(str(out / "overlay" / f"{name}.png"))
+        assert overlay.shape == image.shape
+        assert np.abs(overlay.astype(int) - image.astype(int)).mean() > 10  # colors were blended in
+        labels = cv2.imread(str(out / "labels" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        present = {class_map.names[i] for i in np.unique(labels)}
+        assert {"road", "sidewalk", "sky", "car"} <= present, present
+        assert present & {"building", "vegetation"}
+
+
+def test_the_drive_plays_as_a_bag_at_17_hz(small_drive):
+    bag = demo.ensure_demo_bag()
+    messages = list(iter_image_messages(bag, demo.DEMO_TOPIC))
+    assert len(messages) == 4
+    stamps = [stamp for _, stamp, _, _ in messages]
+    assert np.allclose(np.diff(stamps), 1e9 / 17, atol=1)
+    assert messages[0][2].encoding == "rgb8" and (messages[0][2].height, messages[0][2].width) == (256, 512)
+    assert demo.ensure_demo_bag() == bag  # built once

@@ -1,0 +1,417 @@
+"""The node's frame handling without ROS: latest-frame buffer, drops, conversion, batching, header
+passthrough, malformed frames, engine failures, runtime parameter changes and the worker thread.
+
+Messages are rosbags classes (what a recording holds); the node runs the same code with rclpy's.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import cv2
+import numpy as np
+import pytest
+
+from icnet_ros.inference.engine import SegmentationEngine
+from icnet_ros.ros.health import ERROR, OK, WARN, HealthMonitor, Thresholds
+from icnet_ros.ros.image_conversion import make_header, numpy_to_image, rgb_to_compressed
+from icnet_ros.ros.messages import package_typestore, rosbags_message_types
+from icnet_ros.ros.node_config import NodeConfig, with_changes
+from icnet_ros.ros.pipeline import (
+    FrameProcessor,
+    IncomingFrame,
+    LatestFrameBuffer,
+    LogThrottle,
+    ModelInfo,
+    SegmentationWorker,
+)
+from icnet_ros.visualization import overlay as blend
+
+from conftest import trained_bn_model
+
+HEIGHT, WIDTH = 64, 96
+TOPICS = ["/front/image_raw", "/rear/image_raw"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return SegmentationEngine(trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid"), device="cpu")
+
+
+class Clock:
+    """A settable clock in nanoseconds: health verdicts depend on time, so tests set it."""
+
+    def __init__(self, now_ns: int = 1_700_000_000 * 10**9) -> None:
+        self.now_ns = now_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance(self, seconds: float) -> None:
+        self.now_ns += int(seconds * 1e9)
+
+
+class Rig:
+    """A FrameProcessor wired to a list of published messages, as the node wires it to publishers."""
+
+    def __init__(self, engine, config: NodeConfig | None = None, topics=TOPICS) -> None:
+        self.clock = Clock()
+        self.published: list[tuple[int, str, object]] = []
+        self.logged: list[tuple[str, str]] = []
+        self.config = config or NodeConfig(image_topics=list(topics), device="cpu", dataset="camvid")
+        self.health = HealthMonitor(list(topics), self.clock())
+        self.processor = FrameProcessor(engine, self.config, rosbags_message_types(),
+                                        lambda camera, name, msg: self.published.append((camera, name, msg)),
+                                        self.health, self.clock, ModelInfo("test.safetensors", "camvid", 0.25, "cpu"),
+                                        lambda kind, text: self.logged.append((kind, text)))
+
+    def outputs(self, camera: int) -> dict[str, object]:
+        return {name: msg for cam, name, msg in self.published if cam == camera}
+
+
+def frame_pixels(seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def image_message(rgb: np.ndarray, encoding: str = "rgb8", frame_id: str = "front_camera", stamp_ns: int = 42):
+    pixels = {
+        "rgb8": rgb, "bgr8": np.ascontiguousarray(rgb[..., ::-1]),
+        "rgba8": np.dstack((rgb, np.full(rgb.shape[:2], 200, np.uint8))),
+        "bgra8": np.dstack((rgb[..., ::-1], np.full(rgb.shape[:2], 7, np.uint8))),
+        "mono8": np.ascontiguousarray(rgb[..., 0]),
+        "mono16": rgb[..., 0].astype(np.uint16) * 257,
+        "bayer_rggb8": np.ascontiguousarray(rgb[..., 1]),
+        "yuv422": np.ascontiguousarray(rgb[..., :2]),
+    }[encoding]
+    return numpy_to_image(pixels, encoding, make_header(frame_id, stamp_ns))
+
+
+def incoming(msg, camera: int = 0, compressed: bool = False) -> IncomingFrame:
+    return IncomingFrame(camera, msg, compressed, 0)
+
+
+# --- the latest-frame buffer -------------------------------------------------------------------------
+def test_buffer_keeps_the_newest_frame_per_camera_and_reports_replacements():
+    buffer = LatestFrameBuffer(2)
+    assert buffer.put(IncomingFrame(0, "a", False, 1)) is False
+    assert buffer.put(IncomingFrame(0, "b", False, 2)) is True  # "a" was never taken: a drop
+    assert buffer.put(IncomingFrame(1, "x", False, 3)) is False
+    taken = buffer.take(timeout=0)
+    assert [(f.camera, f.message) for f in taken] == [(0, "b"), (1, "x")]
+    assert buffer.take(timeout=0) == []  # emptied
+    assert buffer.put(IncomingFrame(0, "c", False, 4)) is False  # the slot was free again
+
+
+def test_buffer_take_waits_for_a_frame_and_close_wakes_it():
+    buffer = LatestFrameBuffer(1)
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(buffer.take(timeout=10)))
+    waiter.start()
+    buffer.put(IncomingFrame(0, "frame", False, 1))
+    waiter.join(5)
+    assert [f.message for f in results[0]] == ["frame"]
+    waiter = threading.Thread(target=lambda: results.append(buffer.take(timeout=10)))
+    waiter.start()
+    buffer.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and results[1] == []
+
+
+# --- conversion, outputs and the header --------------------------------------------------------------
+@pytest.mark.parametrize("encoding,overlay_encoding", [
+    ("rgb8", "rgb8"), ("bgr8", "bgr8"), ("rgba8", "rgba8"), ("bgra8", "bgra8"), ("mono8", "rgb8"),
+    ("mono16", "rgb8"), ("bayer_rggb8", "rgb8"), ("yuv422", "rgb8"),
+])
+def test_every_output_keeps_the_input_header_and_size(engine, encoding, overlay_encoding):
+    rig = Rig(engine)
+    msg = image_message(frame_pixels(1), encoding, frame_id="front_camera", stamp_ns=1_234_567_890_123)
+    [result] = rig.processor.process([incoming(msg)])
+    assert result.outcome == "segmented"
+    out = rig.outputs(0)
+    assert set(out) == {"labels", "color", "overlay", "timing"}
+    for name, published in out.items():
+        assert published.header == msg.header, name
+    assert (out["labels"].encoding, out["color"].encoding, out["overlay"].encoding) == ("mono8", "rgb8",
+                                                                                         overlay_encoding)
+    for name in ("labels", "color", "overlay"):
+        assert (out[name].height, out[name].width) == (HEIGHT, WIDTH)
+
+
+def test_overlay_is_blended_in_the_input_channel_order_and_keeps_alpha(engine):
+    rgb = frame_pixels(2)
+    rig = Rig(engine, with_changes(Rig(engine).config, {"overlay_alpha": 0.25}))
+    rig.processor.process([incoming(image_message(rgb, "bgra8"))])
+    out = rig.outputs(0)
+    color = np.asarray(out["color"].data).reshape(HEIGHT, WIDTH, 3)
+    overlay = np.asarray(out["overlay"].data).reshape(HEIGHT, WIDTH, 4)
+    np.testing.assert_array_equal(overlay[..., :3], blend(np.ascontiguousarray(rgb[..., ::-1]),
+                                                          np.ascontiguousarray(color[..., ::-1]), 0.25))
+    assert (overlay[..., 3] == 7).all()  # the input's alpha channel, untouched
+
+
+def test_labels_match_the_engine_on_the_same_pixels(engine):
+    rgb = frame_pixels(3)
+    rig = Rig(engine)
+    rig.processor.process([incoming(image_message(rgb, "bgr8"))])
+    labels = np.asarray(rig.outputs(0)["labels"].data).reshape(HEIGHT, WIDTH)
+    np.testing.assert_array_equal(labels, engine.segment(rgb).labels)
+
+
+def test_compressed_input_is_decoded_and_published_as_rgb8(engine):
+    rgb = frame_pixels(4)
+    msg = rgb_to_compressed(rgb, "png", make_header("cam", 5))
+    rig = Rig(engine)
+    [result] = rig.processor.process([incoming(msg, compressed=True)])
+    assert result.outcome == "segmented"
+    overlay = rig.outputs(0)["overlay"]
+    assert overlay.encoding == "rgb8" and overlay.header == msg.header
+
+
+def test_published_messages_serialize_as_ros_messages(engine):
+    """CDR serialization checks every field's type, as rclpy's publish would."""
+    rig = Rig(engine)
+    rig.processor.process([incoming(image_message(frame_pixels(5)))])
+    store = package_typestore()
+    out = rig.outputs(0)
+    for name in ("labels", "color", "overlay"):
+        raw = store.serialize_cdr(out[name], "sensor_msgs/msg/Image")
+        assert store.deserialize_cdr(raw, "sensor_msgs/msg/Image").header == out[name].header
+    timing = store.deserialize_cdr(store.serialize_cdr(out["timing"], "icnet_ros/msg/SegmentationTiming"),
+                                   "icnet_ros/msg/SegmentationTiming")
+    assert timing.frames_processed == 1 and timing.model == "test.safetensors" and timing.branch == "sub124"
+    assert timing.forward_ms > 0 and timing.total_ms >= timing.publish_ms
+
+
+def test_mono16_labels_for_class_maps_beyond_255_ids():
+    model = trained_bn_model(keep_rate=0.125, num_classes=300, class_map="cocostuff")
+    engine = SegmentationEngine(model, device="cpu")
+    rig = Rig(engine, NodeConfig(device="cpu", dataset="cocostuff", publish_color=False, publish_overlay=False))
+    rig.processor.process([incoming(image_message(frame_pixels(6)))])
+    assert rig.outputs(0)["labels"].encoding == "mono16"
+
+
+# --- batching ----------------------------------------------------------------------------------------
+class CountingEngine:
+    """Wraps the engine and records the batch sizes it is called with."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __setattr__(self, name, value):
+        if name in ("branch", "alpha"):
+            setattr(self.engine, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def segment(self, frames, **options):
+        self.calls.append(len(frames))
+        return self.engine.segment(frames, **options)
+
+
+def test_cameras_of_one_size_share_one_engine_call(engine):
+    counting = CountingEngine(engine)
+    rig = Rig(counting)
+    front, rear = image_message(frame_pixels(7), frame_id="front"), image_message(frame_pixels(8), frame_id="rear")
+    results = rig.processor.process([incoming(front, 0), incoming(rear, 1)])
+    assert counting.calls == [2]
+    assert [r.outcome for r in results] == ["segmented", "segmented"]
+    assert rig.outputs(0)["labels"].header.frame_id == "front"
+    assert rig.outputs(1)["labels"].header.frame_id == "rear"
+    # each camera's labels are its own frame's
+    rear_labels = np.asarray(rig.outputs(1)["labels"].data).reshape(HEIGHT, WIDTH)
+    np.testing.assert_array_equal(rear_labels, engine.segment(frame_pixels(8)).labels)
+
+
+def test_cameras_of_different_sizes_or_orders_get_separate_calls(engine):
+    counting = CountingEngine(engine)
+    rig = Rig(counting)
+    small = image_message(frame_pixels(9, 48, 64))
+    rig.processor.process([incoming(image_message(frame_pixels(7)), 0), incoming(small, 1)])
+    assert sorted(counting.calls) == [1, 1]
+    counting.calls.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(7), "rgb8"), 0),
+                           incoming(image_message(frame_pixels(8), "bgr8"), 1)])
+    assert sorted(counting.calls) == [1, 1]
+
+
+# --- malformed frames and failures -------------------------------------------------------------------
+def _malformed_messages():
+    good = image_message(frame_pixels(10))
+    short = image_message(frame_pixels(10))
+    short.data = short.data[:-10]
+    wrong_step = image_message(frame_pixels(10))
+    wrong_step.step = WIDTH * 3 - 1
+    unknown = image_message(frame_pixels(10))
+    unknown.encoding = "32FC1"
+    empty = image_message(frame_pixels(10))
+    empty.height, empty.width, empty.data = 0, 0, np.zeros(0, np.uint8)
+    tiny = image_message(frame_pixels(10, 16, 16))
+    return good, {"short data": short, "wrong step": wrong_step, "unknown encoding": unknown, "0x0": empty,
+                  "smaller than 32x32": tiny}
+
+
+@pytest.mark.parametrize("case", list(_malformed_messages()[1]))
+def test_malformed_frames_are_counted_logged_and_the_rest_still_published(engine, case):
+    good, bad = _malformed_messages()
+    rig = Rig(engine)
+    results = rig.processor.process([incoming(bad[case], 0), incoming(good, 1)])
+    assert [(r.camera, r.outcome) for r in results] == [(0, "malformed"), (1, "segmented")]
+    assert rig.outputs(0) == {}  # nothing half-published for the bad frame
+    assert set(rig.outputs(1)) == {"labels", "color", "overlay", "timing"}
+    assert rig.health.counts(0) == (0, 0, 1)
+    assert rig.logged and rig.logged[0][0] == "malformed" and TOPICS[0] in rig.logged[0][1]
+    report = rig.health.camera_report(0, rig.clock(), Thresholds())
+    assert report.level == WARN and "malformed" in report.message
+
+
+def test_a_compressed_message_that_does_not_decode_is_malformed(engine):
+    rig = Rig(engine)
+    broken = types.SimpleNamespace(header=make_header("cam", 1), format="jpeg", data=b"\xff\xd8 not a jpeg")
+    [result] = rig.processor.process([incoming(broken, compressed=True)])
+    assert result.outcome == "malformed" and "decode" in result.detail
+
+
+def test_an_engine_failure_is_reported_and_later_frames_still_work(engine):
+    rig = Rig(engine)
+    original = engine.segment
+    try:
+        engine.segment = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+        [result] = rig.processor.process([incoming(image_message(frame_pixels(11)))])
+    finally:
+        del engine.segment
+    assert engine.segment == original
+    assert result.outcome == "failed" and "out of memory" in result.detail
+    assert rig.health.camera_report(0, rig.clock(), Thresholds()).level == ERROR
+    [result] = rig.processor.process([incoming(image_message(frame_pixels(11)))])
+    assert result.outcome == "segmented"
+
+
+# --- drops and the timing message --------------------------------------------------------------------
+def test_frames_replaced_before_processing_are_counted_in_the_timing_message(engine):
+    rig = Rig(engine)
+    buffer = LatestFrameBuffer(2)
+    for stamp in range(3):  # three frames arrive while the worker is busy: two are replaced
+        frame = IncomingFrame(0, image_message(frame_pixels(stamp), stamp_ns=stamp), False, rig.clock())
+        rig.health.frame_received(0, rig.clock(), buffer.put(frame))
+    rig.processor.process(buffer.take(timeout=0))
+    timing = rig.outputs(0)["timing"]
+    assert timing.header.stamp.nanosec == 2  # the newest frame was the one segmented
+    assert (timing.frames_processed, timing.frames_dropped, timing.frames_malformed) == (1, 2, 0)
+
+
+# --- runtime parameter changes -----------------------------------------------------------------------
+def test_branch_alpha_and_outputs_change_between_frames(engine):
+    rig = Rig(engine)
+    rgb = frame_pixels(12)
+    rig.processor.process([incoming(image_message(rgb))])
+    rig.published.clear()
+    rig.processor.config = with_changes(rig.processor.config, {"branch": "sub4", "overlay_alpha": 0.0,
+                                                               "publish_color": False})
+    rig.processor.process([incoming(image_message(rgb))])
+    out = rig.outputs(0)
+    assert set(out) == {"labels", "overlay", "timing"}
+    assert engine.branch == "sub4" and out["timing"].branch == "sub4"
+    np.testing.assert_array_equal(np.asarray(out["overlay"].data).reshape(HEIGHT, WIDTH, 3), rgb)  # alpha 0
+    engine.branch, engine.alpha = "sub124", 0.5
+
+
+# --- the worker thread -------------------------------------------------------------------------------
+def test_worker_segments_what_arrives_and_survives_a_crashing_batch(engine):
+    rig = Rig(engine)
+    buffer = LatestFrameBuffer(2)
+    original = rig.processor.process
+    calls = []
+
+    def flaky(frames):
+        calls.append(len(frames))
+        if len(calls) == 1:
+            raise ValueError("a bug in one batch")
+        return original(frames)
+
+    rig.processor.process = flaky
+    worker = SegmentationWorker(buffer, rig.processor, lambda kind, text: rig.logged.append((kind, text)),
+                                poll_s=0.01)
+    worker.start()
+    try:
+        buffer.put(incoming(image_message(frame_pixels(13))))
+        _wait_for(lambda: len(calls) >= 1)
+        buffer.put(incoming(image_message(frame_pixels(14))))
+        _wait_for(lambda: "timing" in rig.outputs(0))
+        assert worker.alive
+    finally:
+        worker.stop()
+    assert not worker.alive
+    assert any(kind == "worker" and "a bug in one batch" in text for kind, text in rig.logged)
+
+
+def _wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+# --- diagnostics -------------------------------------------------------------------------------------
+def test_health_verdicts_over_time():
+    clock = Clock()
+    health = HealthMonitor(["/cam/image_raw"], clock())
+    thresholds = Thresholds(expected_rate_hz=10.0, rate_tolerance=0.2, max_latency_ms=100.0, stall_timeout_s=2.0,
+                            diagnostics_window_s=1.0)
+    assert health.camera_report(0, clock(), thresholds).level == WARN  # waiting for the first image
+    clock.advance(3.0)
+    report = health.camera_report(0, clock(), thresholds)
+    assert report.level == ERROR and "since start" in report.message
+    for _ in range(20):  # 20 Hz in, every frame segmented with 30 ms latency
+        clock.advance(0.05)
+        health.frame_received(0, clock(), replaced_unprocessed=False)
+        health.frame_segmented(0, clock(), latency_ms=30.0, node_ms=20.0)
+    report = health.camera_report(0, clock(), thresholds)
+    assert report.level == OK, report.message
+    assert dict(report.values)["rate_hz"] == "20.00" and dict(report.values)["frames_segmented"] == "20"
+    for _ in range(10):  # the engine falls behind: 5 Hz segmented, 150 ms latency, frames dropped
+        clock.advance(0.2)
+        health.frame_received(0, clock(), replaced_unprocessed=True)
+        health.frame_segmented(0, clock(), latency_ms=150.0, node_ms=190.0)
+    report = health.camera_report(0, clock(), thresholds)
+    assert report.level == WARN and "below the expected 10 Hz" in report.message and "latency" in report.message
+    clock.advance(2.5)
+    report = health.camera_report(0, clock(), thresholds)
+    assert report.level == ERROR and "stalled" in report.message
+
+
+def test_log_throttle_holds_repeats_and_counts_them():
+    emitted, now = [], [0.0]
+    log = LogThrottle(emitted.append, interval_s=5.0, clock_s=lambda: now[0])
+    for step in range(4):
+        now[0] = step
+        log("malformed", f"bad frame {step}")
+    log("engine", "engine failed")  # another kind is not held back by the first
+    now[0] = 6.0
+    log("malformed", "bad frame 6")
+    assert emitted == ["bad frame 0", "engine failed", "bad frame 6 (3 more like this since the last report)"]
+
+
+def test_the_pipeline_imports_no_ros():
+    import subprocess
+    import sys
+
+    code = ("import sys; import icnet_ros.ros.pipeline, icnet_ros.ros.health, icnet_ros.ros.node_config, "
+            "icnet_ros.ros.launch_plan, icnet_ros.ros.topics; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('rclpy', 'rcl_interfaces', 'launch', 'launch_ros',"
+            " 'sensor_msgs', 'diagnostic_updater')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cv2_is_what_decodes_bayer(engine):
+    """A Bayer frame reaches the engine demosaiced (three different channels), not as grey."""
+    from icnet_ros.ros.pipeline import engine_input
+
+    rgb = frame_pixels(15)
+    bayer = image_message(rgb, "bayer_rggb8")
+    pixels = engine_input(bayer, False).pixels
+    assert pixels.shape == (HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(pixels, cv2.cvtColor(np.ascontiguousarray(rgb[..., 1]), cv2.COLOR_BayerBG2RGB))
