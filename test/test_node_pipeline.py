@@ -415,3 +415,33 @@ def test_cv2_is_what_decodes_bayer(engine):
     pixels = engine_input(bayer, False).pixels
     assert pixels.shape == (HEIGHT, WIDTH, 3)
     np.testing.assert_array_equal(pixels, cv2.cvtColor(np.ascontiguousarray(rgb[..., 1]), cv2.COLOR_BayerBG2RGB))
+
+
+def test_recycled_messages_carry_each_frame_and_are_rebuilt_when_the_size_changes(engine):
+    """The node recycles output messages (rclpy copies them in publish); every frame must still be right."""
+    from icnet_ros.ros.overhead import RclpyLikeImage, RclpyLikeTiming
+    from icnet_ros.ros.pipeline import MessageTypes
+
+    seen = []
+    config = NodeConfig(image_topics=["/front/image_raw"], device="cpu", dataset="camvid")
+    health = HealthMonitor(["/front/image_raw"], 0)
+    processor = FrameProcessor(
+        engine, config, MessageTypes(RclpyLikeImage, RclpyLikeTiming),
+        lambda camera, name, msg: seen.append((name, msg, bytes(msg.data) if name != "timing" else None,
+                                               getattr(msg, "header", None))),
+        health, Clock(), ModelInfo("m", "camvid", 0.25, "cpu"), reuse_messages=True)
+    for seed, (height, width) in enumerate([(HEIGHT, WIDTH), (HEIGHT, WIDTH), (48, 64)]):
+        rgb = frame_pixels(20 + seed, height, width)
+        msg = image_message(rgb, frame_id=f"frame{seed}")
+        seen.clear()
+        processor.process([incoming(msg)])
+        published = {name: (m, data, header) for name, m, data, header in seen}
+        expected = engine.segment(rgb, color=True, overlay=True)
+        assert published["labels"][1] == expected.labels.tobytes()
+        assert published["overlay"][1] == expected.overlay.tobytes()
+        assert published["labels"][2].frame_id == f"frame{seed}"
+        if seed == 1:
+            assert published["labels"][0] is first_labels  # same message object, refilled
+        if seed == 2:
+            assert published["labels"][0] is not first_labels and published["labels"][0].width == 64
+        first_labels = published["labels"][0] if seed == 0 else first_labels

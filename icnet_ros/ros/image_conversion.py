@@ -206,8 +206,8 @@ def numpy_to_image(
     rosbags ROS 2 Humble sensor_msgs__msg__Image. `step` pads each row to that many bytes (default:
     no padding); `bigendian` stores 16-bit pixels big-endian. The header is used as given.
 
-    data is a uint8 numpy array for rosbags classes (their CDR serializer requires one) and an
-    array.array('B') otherwise: rclpy's generated setter stores array.array('B') as is, while bytes or
+    data is a uint8 numpy array for rosbags classes (their CDR serializer requires one; without row
+    padding it shares memory with a C-contiguous `array`) and an array.array('B') otherwise (one copy): rclpy's generated setter stores array.array('B') as is, while bytes or
     a list would be checked value by value in Python and a numpy array fails its type assertion.
     """
     info = encoding_info(encoding)
@@ -221,12 +221,15 @@ def numpy_to_image(
         )
     stored = pixels.astype(info.dtype.newbyteorder(">" if bigendian else "<"), copy=False)
     row_view = np.ascontiguousarray(stored).reshape(height, -1).view(np.uint8)
-    rows = np.zeros((height, step), np.uint8)
-    rows[:, :row_bytes] = row_view
+    if step == row_bytes:  # no padding: the pixels' own bytes are the payload (no copy here)
+        payload = row_view.reshape(-1)
+    else:
+        rows = np.zeros((height, step), np.uint8)
+        rows[:, :row_bytes] = row_view
+        payload = rows.reshape(-1)
     fields = {"height": height, "width": width, "encoding": encoding, "is_bigendian": int(bigendian),
               "step": step}
-    return _build_message(message_type or _humble_class("sensor_msgs/msg/Image"), header, fields,
-                          rows.reshape(-1))
+    return _build_message(message_type or _humble_class("sensor_msgs/msg/Image"), header, fields, payload)
 
 
 def _checked_pixels(array_: Any, encoding: str, info: EncodingInfo) -> np.ndarray:

@@ -92,7 +92,8 @@ class SegmentationNode(Node):
         self._publish_label_info(topics)
         self.processor = FrameProcessor(self.engine, self.config, MessageTypes(Image, SegmentationTiming),
                                         self._publish, self.health, self._now_ns,
-                                        ModelInfo.of(self.engine, checkpoint.path), self._warn)
+                                        ModelInfo.of(self.engine, checkpoint.path), self._warn,
+                                        reuse_messages=True)  # rclpy serializes inside publish()
         self.buffer = LatestFrameBuffer(len(topics))
         self.worker = SegmentationWorker(self.buffer, self.processor, self._warn)
         self._subscriptions = [self._subscribe(index, topic) for index, topic in enumerate(topics)]

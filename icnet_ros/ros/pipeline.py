@@ -170,17 +170,50 @@ Publish = Callable[[int, str, Any], None]  # (camera index, output name, message
 Log = Callable[[str, str], None]  # (kind of problem, text): the node throttles per kind
 
 
+class MessageRecycler:
+    """Reuses each output's Image message and its byte buffer from one frame to the next.
+
+    rclpy serializes a message inside publish(), so once publish() returns the message is free to
+    overwrite. Copying the pixels into the previous frame's buffer saves allocating (and page-
+    faulting) some 15 MB per 1024x2048 frame. Only for publishers that do not keep the message.
+    """
+
+    def __init__(self, message_type: type) -> None:
+        self.message_type = message_type
+        self._previous: dict[tuple[int, str], Any] = {}
+
+    def image(self, key: tuple[int, str], array_: np.ndarray, encoding: str, header: Any) -> Any:
+        previous = self._previous.get(key)
+        pixels = np.ascontiguousarray(array_)
+        if previous is not None and _same_layout(previous, pixels, encoding):
+            np.frombuffer(previous.data, np.uint8)[:] = pixels.reshape(-1).view(np.uint8)
+            previous.header = header
+            return previous
+        message = numpy_to_image(pixels, encoding, header, self.message_type)
+        self._previous[key] = message
+        return message
+
+
+def _same_layout(message: Any, pixels: np.ndarray, encoding: str) -> bool:
+    height, width = pixels.shape[:2]
+    return (message.encoding == encoding and message.height == height and message.width == width
+            and message.step * height == pixels.nbytes and len(message.data) == pixels.nbytes
+            and not message.is_bigendian)
+
+
 class FrameProcessor:
     """Turns the frames taken from the buffer into published messages (see the module docstring).
 
     `config` may be replaced at any time (runtime parameter changes); each batch reads it once, so a
-    batch never mixes two settings.
+    batch never mixes two settings. reuse_messages=True recycles output messages between frames
+    (MessageRecycler): right for rclpy publishers, wrong for a publish function that keeps them.
     """
 
     def __init__(self, engine: SegmentationEngine, config: NodeConfig, message_types: MessageTypes,
                  publish: Publish, health: HealthMonitor, clock_ns: Callable[[], int], model: ModelInfo,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None, reuse_messages: bool = False) -> None:
         self.engine = engine
+        self.recycler = MessageRecycler(message_types.image) if reuse_messages else None
         self.config = config
         self.types = message_types
         self.publish = publish
@@ -232,7 +265,11 @@ class FrameProcessor:
         header = frame.message.header
         published = []
         for name, array, encoding in self._outputs(seg, pixels):
-            self.publish(frame.camera, name, numpy_to_image(array, encoding, header, self.types.image))
+            if self.recycler is not None:
+                message = self.recycler.image((frame.camera, name), array, encoding, header)
+            else:
+                message = numpy_to_image(array, encoding, header, self.types.image)
+            self.publish(frame.camera, name, message)
             published.append(name)
         publish_ms = _ms_since(start)
         now_ns = self.clock_ns()

@@ -1,0 +1,146 @@
+"""Per-frame cost of the node beyond the engine: conversion in, three output messages out. No ROS.
+
+Runs the node's FrameProcessor with an engine stand-in that returns precomputed outputs instantly,
+so what is timed is exactly the node's own work per frame: converting the input message, building
+the labels / color / overlay Image messages and the timing message, and handing them to publish.
+Messages are built as rclpy builds them (data as array.array('B'), one copy) and, for comparison,
+as rosbags classes; `--serialize` adds rosbags' CDR serialization of the outputs, a stand-in for
+the serialization rclpy does inside publish().
+
+    python -m icnet_ros.ros.overhead --height 1024 --width 2048 --frames 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from array import array
+from typing import Any
+
+import cv2
+import numpy as np
+
+from icnet_ros.inference.engine import Segmentation
+from icnet_ros.inference.timing import StageTimings, percentile
+from icnet_ros.ros.health import HealthMonitor
+from icnet_ros.ros.image_conversion import make_header, numpy_to_image, rgb_to_compressed
+from icnet_ros.ros.messages import package_typestore, rosbags_message_types
+from icnet_ros.ros.node_config import NodeConfig
+from icnet_ros.ros.pipeline import FrameProcessor, IncomingFrame, MessageTypes, ModelInfo
+
+
+class RclpyLikeImage:
+    """What publishing costs with rclpy's generated class: attributes, data stored as array.array('B')."""
+
+    __slots__ = ("data", "encoding", "header", "height", "is_bigendian", "step", "width")
+
+    def __init__(self, **fields: Any) -> None:
+        self.data = array("B")
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class RclpyLikeTiming(types.SimpleNamespace):
+    """The timing message as plain attributes (rclpy's class sets a few dozen scalars the same way)."""
+
+
+class InstantEngine:
+    """Stands in for SegmentationEngine: returns fixed outputs of the frame's size at no cost."""
+
+    def __init__(self, height: int, width: int, num_classes: int = 19) -> None:
+        rng = np.random.default_rng(0)
+        self.outputs = Segmentation(labels=rng.integers(0, num_classes, (height, width), dtype=np.uint8),
+                                    color=rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                                    overlay=rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                                    timings=StageTimings())
+        self.branch, self.alpha, self.precision = "sub124", 0.5, "fp16"
+
+    def segment(self, frames, **options):
+        return [Segmentation(labels=self.outputs.labels if options.get("labels") else None,
+                             color=self.outputs.color if options.get("color") else None,
+                             overlay=self.outputs.overlay if options.get("overlay") else None,
+                             timings=self.outputs.timings) for _ in frames]
+
+
+def input_message(kind: str, height: int, width: int) -> tuple[Any, bool]:
+    """A camera message of `kind` (an encoding, or "jpeg" for a CompressedImage)."""
+    rgb = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    rgb = cv2.GaussianBlur(rgb, (9, 9), 3)  # camera-like content, so JPEG sizes are realistic
+    header = make_header("camera", 1_700_000_000 * 10**9)
+    if kind == "jpeg":
+        return rgb_to_compressed(rgb, "jpeg", header), True
+    pixels = {"rgb8": rgb, "bgr8": np.ascontiguousarray(rgb[..., ::-1]),
+              "bayer_rggb8": np.ascontiguousarray(rgb[..., 1]), "yuv422": np.ascontiguousarray(rgb[..., :2])}[kind]
+    return numpy_to_image(pixels, kind, header), False
+
+
+def measure(kind: str, height: int, width: int, frames: int, message_types: MessageTypes,
+            serialize: bool, reuse: bool = False) -> dict[str, Any]:
+    message, compressed = input_message(kind, height, width)
+    store = package_typestore() if serialize else None
+    published: list[Any] = []
+
+    def publish(camera: int, name: str, msg: Any) -> None:
+        if store is not None and name != "timing":
+            store.serialize_cdr(msg, "sensor_msgs/msg/Image")
+        published.append(msg)
+
+    health = HealthMonitor(["/camera/image_raw"], time.time_ns())
+    processor = FrameProcessor(InstantEngine(height, width), NodeConfig(), message_types, publish, health,
+                               time.time_ns, ModelInfo("benchmark", "cityscapes", 0.25, "cuda:0"),
+                               reuse_messages=reuse)
+    totals, converts = [], []
+    for index in range(frames + 2):  # two warm-up frames
+        start = time.perf_counter()
+        processor.process([IncomingFrame(0, message, compressed, 0)])
+        elapsed = (time.perf_counter() - start) * 1e3
+        if index >= 2:
+            totals.append(elapsed)
+            converts.append(published[-1].convert_ms)
+        published.clear()
+    return {"input": kind, "size": f"{height}x{width}", "messages": message_types.image.__name__,
+            "serialize": serialize, "reuse": reuse, "frames": frames,
+            "node_ms_p50": percentile(totals, 50), "node_ms_p95": percentile(totals, 95),
+            "convert_ms_p50": percentile(converts, 50),
+            "outputs_ms_p50": percentile(totals, 50) - percentile(converts, 50)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m icnet_ros.ros.overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--inputs", nargs="+", default=["rgb8", "bgr8", "bayer_rggb8", "yuv422", "jpeg"])
+    parser.add_argument("--json", help="write the records here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rclpy_like = MessageTypes(RclpyLikeImage, RclpyLikeTiming)
+    rosbags_types = rosbags_message_types()
+    # (messages, CDR serialization, recycled messages): the node itself runs rclpy-like + recycled
+    variants = [(rclpy_like, False, True), (rclpy_like, False, False), (rosbags_types, True, False)]
+    print("| input | messages | recycled | + CDR | node p50 ms | node p95 ms | convert p50 | outputs p50 |")
+    print("|---|---|---|---|---|---|---|---|")
+    records = []
+    for kind in args.inputs:
+        for message_types, serialize, reuse in variants:
+            record = measure(kind, args.height, args.width, args.frames, message_types, serialize, reuse)
+            records.append(record)
+            print(f"| {kind} {record['size']} | {'rclpy-like' if message_types is rclpy_like else 'rosbags'} | "
+                  f"{'yes' if reuse else 'no'} | {'yes' if serialize else 'no'} | {record['node_ms_p50']:.1f} | "
+                  f"{record['node_ms_p95']:.1f} | {record['convert_ms_p50']:.1f} | {record['outputs_ms_p50']:.1f} |",
+                  flush=True)
+    if args.json:
+        from icnet_ros.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
