@@ -82,3 +82,28 @@ def test_non_ros_entry_points_import(entry_point):
     module_name, function_name = entry_point.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     assert callable(function)
+
+
+ROS_PACKAGES_IMPORTED_AT_RUNTIME = ("icnet_ros/ros/node.py", "launch/segment.launch.py", "icnet_ros/paths.py")
+
+
+@pytest.mark.parametrize("source", ROS_PACKAGES_IMPORTED_AT_RUNTIME)
+def test_every_ros_package_the_node_and_launch_file_import_is_a_dependency(package, source):
+    """rosdep installs only what package.xml names; a missing one fails on a user's robot, not here."""
+    import ast
+
+    depends = {dep.name for dep in package.exec_depends + package.build_export_depends}
+    depends |= {dep.name for dep in package.build_depends if dep in package.exec_depends}
+    depends |= {dep.name for dep in getattr(package, "depends", [])}
+    tree = ast.parse((REPO_ROOT / source).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+    not_ros = {"icnet_ros", "__future__", "sys", "os", "functools", "pathlib"}
+    ros_packages = imported - not_ros
+    assert ros_packages, source
+    missing = {name for name in ros_packages if name not in depends}
+    assert not missing, f"{source} imports {sorted(missing)}, which package.xml does not declare"

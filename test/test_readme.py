@@ -16,3 +16,14 @@ def test_every_console_script_in_the_readme_is_in_programs_txt():
                 if line.strip() and not line.startswith("#")}
     mentioned = set(re.findall(r"\b(icnet-[a-z-]+)\b", (ROOT / "README.md").read_text()))
     assert mentioned <= programs, mentioned - programs
+
+
+def test_readme_documents_every_node_parameter_and_launch_argument():
+    from icnet_ros.ros.launch_plan import LAUNCH_ARGUMENTS
+    from icnet_ros.ros.node_config import parameter_specs
+
+    readme = (ROOT / "README.md").read_text()
+    for spec in parameter_specs():
+        assert f"| `{spec.name}` |" in readme, spec.name
+    for argument in LAUNCH_ARGUMENTS:
+        assert f"| `{argument.name}` |" in readme, argument.name

@@ -2,7 +2,8 @@
 
 Outputs under --out: label PNGs (labels/<name>.png: class ids, or the dataset's own ids with
 --label-format dataset, e.g. Cityscapes label ids for a benchmark submission) and colorized PNGs
-(color/<name>.png); optionally an overlay video (--overlay-video, mp4v) and a new rosbag2 with label,
+(color/<name>.png); optionally overlay PNGs (--overlay: overlay/<name>.png), an overlay video
+(--overlay-video, mp4v), a JSON timing summary (--summary-json) and a new rosbag2 with label,
 color and overlay topics whose headers are the input messages' headers (--out-bag). Every file is
 written atomically. Unreadable inputs (a corrupt image, video or bag, a malformed message) are
 skipped with a warning and counted; the run fails only when nothing could be read.
