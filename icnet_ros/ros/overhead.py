@@ -25,7 +25,7 @@ import numpy as np
 from icnet_ros.inference.engine import Segmentation
 from icnet_ros.inference.timing import StageTimings, percentile
 from icnet_ros.ros.health import HealthMonitor
-from icnet_ros.ros.image_conversion import make_header, numpy_to_image, rgb_to_compressed
+from icnet_ros.ros.image_conversion import numpy_to_image, rgb_to_compressed
 from icnet_ros.ros.messages import package_typestore, rosbags_message_types
 from icnet_ros.ros.node_config import NodeConfig
 from icnet_ros.ros.pipeline import FrameProcessor, IncomingFrame, MessageTypes, ModelInfo
@@ -64,20 +64,28 @@ class InstantEngine:
                              timings=self.outputs.timings) for _ in frames]
 
 
+class RclpyLikeCompressedImage:
+    __slots__ = ("data", "format", "header")
+
+    def __init__(self) -> None:
+        self.data = array("B")
+
+
 def input_message(kind: str, height: int, width: int) -> tuple[Any, bool]:
-    """A camera message of `kind` (an encoding, or "jpeg" for a CompressedImage)."""
+    """A camera message of `kind` (an encoding, or "jpeg" for a CompressedImage), as rclpy delivers it."""
     rgb = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
     rgb = cv2.GaussianBlur(rgb, (9, 9), 3)  # camera-like content, so JPEG sizes are realistic
-    header = make_header("camera", 1_700_000_000 * 10**9)
+    header = types.SimpleNamespace(stamp=types.SimpleNamespace(sec=1_700_000_000, nanosec=0), frame_id="camera")
     if kind == "jpeg":
-        return rgb_to_compressed(rgb, "jpeg", header), True
+        return rgb_to_compressed(rgb, "jpeg", header, RclpyLikeCompressedImage), True
     pixels = {"rgb8": rgb, "bgr8": np.ascontiguousarray(rgb[..., ::-1]),
               "bayer_rggb8": np.ascontiguousarray(rgb[..., 1]), "yuv422": np.ascontiguousarray(rgb[..., :2])}[kind]
-    return numpy_to_image(pixels, kind, header), False
+    return numpy_to_image(pixels, kind, header, RclpyLikeImage), False
 
 
 def measure(kind: str, height: int, width: int, frames: int, message_types: MessageTypes,
-            serialize: bool, reuse: bool = False) -> dict[str, Any]:
+            serialize: bool, reuse: bool = False, engine: Any = None) -> dict[str, Any]:
+    """Node time per frame; with `engine` (a SegmentationEngine) the engine's time is included."""
     message, compressed = input_message(kind, height, width)
     store = package_typestore() if serialize else None
     published: list[Any] = []
@@ -88,7 +96,7 @@ def measure(kind: str, height: int, width: int, frames: int, message_types: Mess
         published.append(msg)
 
     health = HealthMonitor(["/camera/image_raw"], time.time_ns())
-    processor = FrameProcessor(InstantEngine(height, width), NodeConfig(), message_types, publish, health,
+    processor = FrameProcessor(engine or InstantEngine(height, width), NodeConfig(), message_types, publish, health,
                                time.time_ns, ModelInfo("benchmark", "cityscapes", 0.25, "cuda:0"),
                                reuse_messages=reuse)
     totals, converts = [], []
@@ -115,12 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--inputs", nargs="+", default=["rgb8", "bgr8", "bayer_rggb8", "yuv422", "jpeg"])
     parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--checkpoint", help="time the whole node path with this model's engine instead of "
+                        "an instant stand-in (rclpy-like recycled messages only)")
+    parser.add_argument("--device", default="auto", help="engine device with --checkpoint")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rclpy_like = MessageTypes(RclpyLikeImage, RclpyLikeTiming)
+    if args.checkpoint:
+        return _with_engine(args, rclpy_like)
     rosbags_types = rosbags_message_types()
     # (messages, CDR serialization, recycled messages): the node itself runs rclpy-like + recycled
     variants = [(rclpy_like, False, True), (rclpy_like, False, False), (rosbags_types, True, False)]
@@ -139,6 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         from icnet_ros.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+def _with_engine(args: argparse.Namespace, rclpy_like: MessageTypes) -> int:
+    """Node path including the real engine: what rate one camera can sustain through the node."""
+    from icnet_ros.inference.engine import SegmentationEngine
+
+    engine = SegmentationEngine.from_checkpoint(args.checkpoint, device=args.device)
+    engine.warm_up(args.height, args.width, color=True, overlay=True)
+    print(f"engine {args.checkpoint} on {engine.device} ({engine.precision}), labels + color + overlay")
+    print("| input | node + engine p50 ms | p95 ms | fps |")
+    print("|---|---|---|---|")
+    for kind in args.inputs:
+        record = measure(kind, args.height, args.width, args.frames, rclpy_like, False, True, engine)
+        print(f"| {kind} {record['size']} | {record['node_ms_p50']:.1f} | {record['node_ms_p95']:.1f} | "
+              f"{1e3 / record['node_ms_p50']:.0f} |", flush=True)
     return 0
 
 
