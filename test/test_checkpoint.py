@@ -1,6 +1,7 @@
 """Checkpoints: one safetensors file rebuilds the model; bad files get clear errors; writes are atomic."""
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     before = path.read_bytes()
 
     def crash(state, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+        Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr("icnet_ros.model.checkpoint.save_file", crash)

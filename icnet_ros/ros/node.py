@@ -69,6 +69,8 @@ PARAMETER_TYPES = {
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 DIAGNOSTIC_LEVELS = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}
 IMAGE_OUTPUTS = ("labels", "color", "overlay")
+CONFIG_FIELDS = frozenset(spec.name for spec in parameter_specs())
+SHUTDOWN_WAIT_S = 2.0  # well inside launch's 5 s before it escalates SIGINT to SIGTERM
 
 
 class SegmentationNode(Node):
@@ -80,14 +82,14 @@ class SegmentationNode(Node):
         checkpoint = resolve_checkpoint(self.config.model, self.config.model_dir, self.config.dataset,
                                         self.config.keep_rate)
         if checkpoint.is_demo:
-            self.get_logger().warn(f"using the bundled demo weights {checkpoint.path.name}: they were trained on "
+            self.get_logger().warning(f"using the bundled demo weights {checkpoint.path.name}: they were trained on "
                                    "synthetic drives only; train on real data for a vehicle (README.md)")
         self.engine = SegmentationEngine.from_checkpoint(
             checkpoint.path, device=self.config.device, branch=self.config.branch, precision=self.config.precision,
             threads=self.config.cpu_threads or None, alpha=self.config.overlay_alpha)
         topics = self.config.image_topics
         self.health = HealthMonitor(topics, self._now_ns())
-        self._warn = LogThrottle(self.get_logger().warn, self.config.log_throttle_s)
+        self._warn = LogThrottle(self.get_logger().warning, self.config.log_throttle_s)
         self._outputs = [self._create_publishers(topic) for topic in topics]
         self._publish_label_info(topics)
         self.processor = FrameProcessor(self.engine, self.config, MessageTypes(Image, SegmentationTiming),
@@ -96,7 +98,8 @@ class SegmentationNode(Node):
                                         reuse_messages=True)  # rclpy serializes inside publish()
         self.buffer = LatestFrameBuffer(len(topics))
         self.worker = SegmentationWorker(self.buffer, self.processor, self._warn)
-        self._subscriptions = [self._subscribe(index, topic) for index, topic in enumerate(topics)]
+        # not self._subscriptions: rclpy's Node keeps its own list (with /clock) under that name
+        self._camera_subscriptions = [self._subscribe(index, topic) for index, topic in enumerate(topics)]
         self._diagnostics = self._create_diagnostics(topics)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.worker.start()
@@ -126,7 +129,11 @@ class SegmentationNode(Node):
         return node_config_from_dict(values, "ROS parameters")
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        changes = {parameter.name: parameter.value for parameter in parameters}
+        """Validate changes of our parameters against NodeConfig; rclpy has already applied the
+        descriptors (read-only, type, range). Others (use_sim_time, diagnostic_updater.period) pass."""
+        changes = {parameter.name: parameter.value for parameter in parameters if parameter.name in CONFIG_FIELDS}
+        if not changes:
+            return SetParametersResult(successful=True)
         fixed = sorted(set(changes) - dynamic_parameters())
         if fixed:
             return SetParametersResult(successful=False, reason=f"{', '.join(fixed)} can only be set at start-up "
@@ -174,7 +181,7 @@ class SegmentationNode(Node):
         try:
             from vision_msgs.msg import LabelInfo, VisionClass
         except ImportError:
-            self.get_logger().warn("vision_msgs has no LabelInfo here (it needs vision_msgs >= 4.0); "
+            self.get_logger().warning("vision_msgs has no LabelInfo here (it needs vision_msgs >= 4.1); "
                                    "label_info is not published")
             return
         latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -218,7 +225,7 @@ class SegmentationNode(Node):
 
     def close(self) -> None:
         """Stop the worker before the node's publishers go away."""
-        self.worker.stop()
+        self.worker.stop(timeout=SHUTDOWN_WAIT_S)
 
 
 def main(args: list[str] | None = None) -> int:
