@@ -25,7 +25,7 @@ def small_drive(tmp_path, monkeypatch):
 
 
 def test_demo_weights_are_the_documented_model():
-    config, state, provenance = read_checkpoint(demo_weights())
+    config, _state, provenance = read_checkpoint(demo_weights())
     assert (config.class_map, config.keep_rate, config.num_classes) == ("cityscapes", DEMO_KEEP_RATE, 19)
     assert demo_weights().stat().st_size < 10 * 2**20
     assert provenance["iteration"] == provenance["train_config"]["iterations"] == 8000

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import trained_bn_model
 
 from icnet_ros.config import ConfigError
 from icnet_ros.model.checkpoint import CheckpointError, save_model
@@ -21,8 +22,6 @@ from icnet_ros.ros.node_config import (
     read_ros_parameters,
     with_changes,
 )
-
-from conftest import trained_bn_model
 
 
 def test_segment_yaml_holds_every_field_with_its_default():

@@ -12,6 +12,7 @@ import types
 import cv2
 import numpy as np
 import pytest
+from conftest import trained_bn_model
 
 from icnet_ros.inference.engine import SegmentationEngine
 from icnet_ros.ros.health import ERROR, OK, WARN, HealthMonitor, Thresholds
@@ -27,8 +28,6 @@ from icnet_ros.ros.pipeline import (
     SegmentationWorker,
 )
 from icnet_ros.visualization import overlay as blend
-
-from conftest import trained_bn_model
 
 HEIGHT, WIDTH = 64, 96
 TOPICS = ["/front/image_raw", "/rear/image_raw"]
@@ -430,18 +429,16 @@ def test_recycled_messages_carry_each_frame_and_are_rebuilt_when_the_size_change
         lambda camera, name, msg: seen.append((name, msg, bytes(msg.data) if name != "timing" else None,
                                                getattr(msg, "header", None))),
         health, Clock(), ModelInfo("m", "camvid", 0.25, "cpu"), reuse_messages=True)
+    label_messages = []
     for seed, (height, width) in enumerate([(HEIGHT, WIDTH), (HEIGHT, WIDTH), (48, 64)]):
         rgb = frame_pixels(20 + seed, height, width)
-        msg = image_message(rgb, frame_id=f"frame{seed}")
         seen.clear()
-        processor.process([incoming(msg)])
-        published = {name: (m, data, header) for name, m, data, header in seen}
+        processor.process([incoming(image_message(rgb, frame_id=f"frame{seed}"))])
+        published = {name: (message, data, header) for name, message, data, header in seen}
         expected = engine.segment(rgb, color=True, overlay=True)
         assert published["labels"][1] == expected.labels.tobytes()
         assert published["overlay"][1] == expected.overlay.tobytes()
         assert published["labels"][2].frame_id == f"frame{seed}"
-        if seed == 1:
-            assert published["labels"][0] is first_labels  # same message object, refilled
-        if seed == 2:
-            assert published["labels"][0] is not first_labels and published["labels"][0].width == 64
-        first_labels = published["labels"][0] if seed == 0 else first_labels
+        label_messages.append(published["labels"][0])
+    assert label_messages[1] is label_messages[0]  # same size: the same message object, refilled
+    assert label_messages[2] is not label_messages[0] and label_messages[2].width == 64  # rebuilt
