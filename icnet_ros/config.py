@@ -58,17 +58,23 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return parsed
 
 
+def read_yaml_mapping(path: str | Path, expected: str = "a mapping of key: value") -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ConfigError if the file is missing or holds something else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected {expected} at the top level")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Dataclass defaults, then the YAML file (if given), then `key=value` overrides, in that order."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"configuration file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        data = read_yaml_mapping(path)
         source = str(path)
     base = config_from_dict(cls, data, source)
     return replace_config(base, parse_overrides(overrides), "command-line override")

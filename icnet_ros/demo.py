@@ -72,7 +72,7 @@ def ensure_demo_drive(root: Path | None = None) -> Path:
     root = root or drive_root()
     if (root / "COMPLETE").is_file():
         return root
-    from icnet_ros.data.synthetic import Scene
+    from icnet_ros.data.synthetic import Scene, write_png
 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -83,8 +83,8 @@ def ensure_demo_drive(root: Path | None = None) -> Path:
         drive_labels(staging).mkdir(parents=True)
         for index in range(DRIVE_FRAMES):
             rgb, labels = scene.render(index, class_map)
-            _write_png(drive_images(staging) / f"{frame_name(index)}.png", rgb[..., ::-1])
-            _write_png(drive_labels(staging) / f"{frame_name(index)}.png", labels)
+            write_png(drive_images(staging) / f"{frame_name(index)}.png", rgb[..., ::-1])
+            write_png(drive_labels(staging) / f"{frame_name(index)}.png", labels)
         (staging / "COMPLETE").write_text(f"demo drive v{DRIVE_VERSION}: {DRIVE_FRAMES} frames\n")
         if root.exists():  # an incomplete leftover of an interrupted run
             shutil.rmtree(root)
@@ -105,13 +105,6 @@ def ensure_demo_bag(storage: str = "mcap", root: Path | None = None) -> Path:
         write_image_bag(frames, bag, BagOptions(storage=storage, topic=DEMO_TOPIC, progress=False,
                                                 overwrite=True))
     return bag
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    path.write_bytes(encoded.tobytes())
 
 
 def drive_miou(predictions: Path, labels: Path) -> dict[str, Any]:

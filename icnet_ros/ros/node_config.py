@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
-from icnet_ros.config import ConfigError, config_from_dict, config_to_dict
+from icnet_ros.config import ConfigError, config_from_dict, config_to_dict, read_yaml_mapping
 from icnet_ros.paths import config_dir
 
 NODE_NAME = "icnet_segmentation"
@@ -95,7 +93,7 @@ class NodeConfig:
                                    "frames, engine failures).", dynamic=True, value_range=(0.0, 3600.0))
 
     def __post_init__(self) -> None:
-        for spec in fields_with_metadata():
+        for spec in parameter_specs():
             value = getattr(self, spec.name)
             if spec.choices is not None and value not in spec.choices:
                 raise ConfigError(f"parameter {spec.name}: {value!r} is not one of the allowed values "
@@ -151,7 +149,7 @@ def _kind(hint: Any) -> str:
     return _KINDS[hint]
 
 
-def fields_with_metadata() -> list[ParameterSpec]:
+def parameter_specs() -> list[ParameterSpec]:
     """One ParameterSpec per NodeConfig field, in declaration order."""
     hints = get_type_hints(NodeConfig)
     specs = []
@@ -162,11 +160,9 @@ def fields_with_metadata() -> list[ParameterSpec]:
     return specs
 
 
-parameter_specs = fields_with_metadata
-
 
 def dynamic_parameters() -> frozenset[str]:
-    return frozenset(spec.name for spec in fields_with_metadata() if spec.dynamic)
+    return frozenset(spec.name for spec in parameter_specs() if spec.dynamic)
 
 
 def default_params_file() -> Path:
@@ -175,12 +171,7 @@ def default_params_file() -> Path:
 
 def read_ros_parameters(path: str | Path, node_name: str = NODE_NAME) -> dict[str, Any]:
     """The `ros__parameters` mapping a ROS parameter file gives `node_name` (`/**` and the node's own)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"parameter file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected `<node name or /**>: ros__parameters: {{...}}` at the top level")
+    data = read_yaml_mapping(path, "`<node name or /**>: ros__parameters: {...}`")
     merged: dict[str, Any] = {}
     for key in ("/**", node_name, f"/{node_name}"):
         section = data.get(key)
