@@ -136,3 +136,122 @@ def test_two_process_torchrun_on_cpu_trains_and_evaluates(tmp_path):
     metrics = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if line]
     assert len(metrics) == 1 and "sub124" in metrics[0]
     assert read_checkpoint(tmp_path / "ddp" / "model.safetensors")[2]["world_size"] == 2
+
+
+# --- defects found in review ------------------------------------------------------------------------
+from icnet_ros.classmap import load_class_map  # noqa: E402
+from icnet_ros.data.datasets import DatasetError, build_dataset  # noqa: E402
+from icnet_ros.model import ICNet, ModelConfig  # noqa: E402
+from icnet_ros.model.checkpoint import save_model  # noqa: E402
+from icnet_ros.training.trainer import finite_on_every_rank, stage_model, training_stages  # noqa: E402
+
+
+def test_syncbatchnorm_survives_every_pruning_cut():
+    model = ICNet(ModelConfig(keep_rate=1.0, num_classes=4))
+    for rate in (0.75, 0.5):
+        model = stage_model(model, rate, sync_batchnorm=True)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert model.config.keep_rate == rate and norms
+        assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm)
+                   for m in stage_model(ICNet(ModelConfig(num_classes=4)), 0.25, sync_batchnorm=False).modules())
+
+
+def test_init_from_a_wider_model_prunes_progressively(tmp_path):
+    config = TrainConfig(out_dir=str(tmp_path / "run"), keep_rate=0.25, init_from="wide.safetensors")
+    stages = training_stages(config, start_keep_rate=1.0)
+    assert [rate for _, rate in stages] == [0.75, 0.5, 0.25]
+    assert [d.name for d, _ in stages] == ["keep0.75", "keep0.5", "keep0.25"]
+    assert training_stages(TrainConfig(out_dir="r", keep_rate=0.5), 0.5) == [(Path("r"), 0.5)]
+
+
+def test_init_from_a_wider_checkpoint_fine_tunes_after_each_cut(tmp_path):
+    data = write_tiny_cityscapes(tmp_path / "data")
+    wide = save_model(tmp_path / "wide.safetensors", ICNet(ModelConfig(keep_rate=0.75, num_classes=19)))
+    subprocess.run(train_command(data, tmp_path / "run", iterations=2,
+                                 extra=[f"init_from={wide}", "keep_rate=0.25"]), check=True, capture_output=True)
+    for rate in (0.5, 0.25):
+        config, _, provenance = read_checkpoint(tmp_path / "run" / f"keep{rate:g}" / "model.safetensors")
+        assert config.keep_rate == rate and provenance["iteration"] == 2
+
+
+def _nan_on_rank_one(rank, world, store_path, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    loss = torch.tensor(float("nan") if rank == 1 else 0.5)
+    results[rank] = finite_on_every_rank(loss, world)
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    context = mp.spawn(_nan_on_rank_one, args=(2, tmp_path / "store", results), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not context.join(timeout=1):
+        assert time.time() < deadline, "a process is still waiting: the NaN was not agreed on"
+    assert dict(results) == {0: False, 1: False}
+    assert finite_on_every_rank(torch.tensor(1.0), world=1)
+
+
+def test_a_split_without_labels_is_refused_before_training(tmp_path):
+    root = write_tiny_cityscapes(tmp_path / "data", frames=(("train", 3),))
+    for label in (root / "gtFine" / "train").rglob("*.png"):
+        label.unlink()
+    dataset = build_dataset("cityscapes", root, "train", load_class_map("cityscapes"))
+    with pytest.raises(DatasetError, match=r"3 of 3 images have no label.*training needs one.*gtFine"):
+        dataset.require_labels("training")
+    result = subprocess.run(train_command(root, tmp_path / "run", iterations=2, extra=["val_split="]),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "have no label" in result.stderr
+
+
+# --- the real-image recipe: class balancing, colour jitter, input size --------------------------------
+from icnet_ros.data.transforms import augment_sample, color_jitter  # noqa: E402
+from icnet_ros.model.loss import CascadeLoss  # noqa: E402
+from icnet_ros.training.class_weights import class_frequencies, median_frequency_weights  # noqa: E402
+
+
+def test_median_frequency_weights_favour_rare_classes(tmp_path):
+    root = write_tiny_cityscapes(tmp_path / "data", frames=(("train", 4),))
+    class_map = load_class_map("cityscapes")
+    dataset = build_dataset("cityscapes", root, "train", class_map)
+    frequencies = class_frequencies(dataset, class_map)
+    present = [0, 2, 8, 10, 13]
+    assert np.isfinite(frequencies[present]).all() and np.isnan(np.delete(frequencies, present)).all()
+    weights = median_frequency_weights(frequencies)
+    assert np.isclose(np.median(weights[present]), 1.0)
+    rarest, commonest = present[int(np.argmin(frequencies[present]))], present[int(np.argmax(frequencies[present]))]
+    assert weights[rarest] > 1.0 > weights[commonest]
+    assert np.allclose(median_frequency_weights(frequencies, power=0.5)[present], np.sqrt(weights[present]))
+
+
+def test_class_weights_reach_the_loss():
+    logits = {b: torch.zeros(1, 3, 4, 4) for b in ("sub4", "sub24", "sub124")}
+    logits["sub124"][:, 0] = 1.0
+    labels = torch.tensor([[[0, 0, 1, 1]] * 4])
+    plain, _ = CascadeLoss()(logits, labels)
+    weighted, _ = CascadeLoss(class_weights=torch.tensor([1.0, 9.0, 1.0]))(logits, labels)
+    assert weighted > plain  # the misclassified class 1 now weighs more
+
+
+def test_colour_jitter_is_seeded_and_zero_strength_is_identity():
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    assert np.array_equal(color_jitter(image, np.random.default_rng(5), 0.3),
+                          color_jitter(image, np.random.default_rng(5), 0.3))
+    assert np.abs(color_jitter(image, np.random.default_rng(5), 0.0).astype(int) - image).max() <= 1
+    label = np.zeros((32, 48), np.uint8)
+    out, out_label = augment_sample(image, label, np.random.default_rng(1), crop_size=(32, 48),
+                                    scale_range=(1, 1), mirror=False, jitter=0.3)
+    assert out.shape == image.shape and not np.array_equal(out, image) and (out_label == 0).all()
+
+
+def test_image_size_with_a_zero_keeps_the_aspect_ratio_in_training():
+    image = np.zeros((36, 48, 3), np.uint8)
+    label = np.ones((36, 48), np.uint8)
+    out, out_label = augment_sample(image, label, np.random.default_rng(0), crop_size=(80, 80),
+                                    scale_range=(1, 1), mirror=False, image_size=(72, 0), ignore_index=255)
+    assert (out_label[:72, :] != 255).all() and (out_label[72:] == 255).all()  # 72x96, padded to 80x96 crop
+    assert (out_label[:72, :80] == 1).all()

@@ -76,6 +76,24 @@ class SegmentationDataset(Dataset):
                 log.warning("skipping bad sample (%d so far): %s", len(self.skipped), error)
         raise DatasetError(f"{self.name}: every sample is bad; first problem: {self.skipped[0][1]}")
 
+    def require_labels(self, purpose: str) -> None:
+        """DatasetError now, naming the images without a label file, rather than mid-run in a worker."""
+        missing = [pair for pair in self.pairs if pair.label is None or not pair.label.is_file()]
+        if not missing:
+            return
+        first = missing[0]
+        expected = f"its label {first.label}" if first.label is not None else "a label file beside it"
+        raise DatasetError(
+            f"{self.name}: {len(missing)} of {len(self.pairs)} images have no label, but {purpose} needs one "
+            f"for every image; e.g. {first.image} lacks {expected}. Use a split with annotations "
+            f"(Cityscapes: gtFine/<split>/<city>/*_gtFine_labelTrainIds.png or *_labelIds.png)"
+        )
+
+    def class_ids(self, index: int) -> np.ndarray:
+        """Sample `index`'s label as class ids, without reading its image (for class statistics)."""
+        pair = self.pairs[index]
+        return self._to_class_ids(read_label(pair.label), pair)
+
     def load(self, pair: Pair) -> dict:
         image = read_image(pair.image)
         if pair.label is None:

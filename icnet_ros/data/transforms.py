@@ -1,4 +1,5 @@
-"""The paper's training augmentation: random mirror, random scale in [0.5, 2.0], random crop.
+"""The paper's training augmentation: random mirror, random scale in [0.5, 2.0], random crop, plus an
+optional photometric jitter (brightness, contrast, saturation) for models meant for other cameras.
 
 Every random choice comes from the numpy Generator passed in, so a sample's augmentation is a
 function of its seed. Labels are only ever resized with nearest-neighbour: ids are never blended.
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from icnet_ros.model.preprocess import network_size
 
 
 def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]):
@@ -19,9 +22,11 @@ def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]):
     return image, label
 
 
-def random_scale(image, label, rng: np.random.Generator, scale_range: tuple[float, float]):
+def random_scale(image, label, rng: np.random.Generator, scale_range: tuple[float, float],
+                 base_size: tuple[int, int] | None = None):
+    """Resize by a random factor of `base_size` (default: the image's size), in one resize."""
     scale = rng.uniform(*scale_range)
-    height, width = image.shape[:2]
+    height, width = base_size or image.shape[:2]
     return resize_pair(image, label, (max(1, round(height * scale)), max(1, round(width * scale))))
 
 
@@ -39,14 +44,40 @@ def random_crop(image, label, rng: np.random.Generator, crop_size: tuple[int, in
     return image[top:top + crop_h, left:left + crop_w], label[top:top + crop_h, left:left + crop_w]
 
 
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random brightness, contrast and saturation, each a factor in [1 - strength, 1 + strength].
+
+    Another camera differs from the training one in exposure and colour response far more than in
+    geometry; a little jitter keeps a model trained on one data set usable on the next. The three
+    factors compose into one affine blend of the image and its gray version:
+    out = b*c*(s*rgb + (1-s)*gray) + (1-c)*b*mean(gray).
+    """
+    brightness, contrast, saturation = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    gain = brightness * contrast
+    offset = (1.0 - contrast) * brightness * float(gray.mean())
+    return cv2.addWeighted(image, gain * saturation, cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB),
+                           gain * (1.0 - saturation), offset)
+
+
 def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
                    crop_size: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0),
                    mirror: bool = True, ignore_index: int = 255, image_size: tuple[int, int] | None = None,
-                   pad_value=0) -> tuple[np.ndarray, np.ndarray]:
-    """(image HxWx3 uint8, label HxW) -> augmented crop of crop_size, in the paper's order."""
-    if image_size is not None:
-        image, label = resize_pair(image, label, image_size)
+                   pad_value=0, jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(image HxWx3 uint8, label HxW) -> augmented crop of crop_size, in the paper's order.
+
+    image_size: the network input size the frames are brought to first (0 on one side keeps the
+    aspect ratio, as ModelConfig.input_size); the random scale is relative to it.
+
+    With jitter > 0 the crop's colours are jittered last (color_jitter), after the geometry.
+    """
     if mirror and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
-    image, label = random_scale(np.ascontiguousarray(image), np.ascontiguousarray(label), rng, scale_range)
-    return random_crop(image, label, rng, crop_size, ignore_index, pad_value)
+    # image_size and the random scale are one resize: resampling twice would blur the frame twice.
+    base_size = network_size(image.shape[:2], image_size)
+    image, label = random_scale(np.ascontiguousarray(image), np.ascontiguousarray(label), rng, scale_range,
+                                base_size)
+    image, label = random_crop(image, label, rng, crop_size, ignore_index, pad_value)
+    if jitter > 0:
+        image = color_jitter(image, rng, jitter)
+    return image, label

@@ -14,29 +14,21 @@ from icnet_ros.atomic import atomic_path
 from icnet_ros.classmap import ClassMap
 from icnet_ros.evaluation.metrics import ConfusionMatrix
 from icnet_ros.model.icnet import BRANCHES, ICNet, upsample
-
-
-def image_to_tensor(image: np.ndarray, mean, std, device) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> normalized (1, 3, H, W) float32 on `device`."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (tensor - mean) / std
+from icnet_ros.model.preprocess import image_to_input, network_size
 
 
 @torch.inference_mode()
 def predict_branches(model: ICNet, image: np.ndarray, branches: Iterable[str], device,
-                     network_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                     input_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Full-resolution label maps (H, W) of each branch from one forward pass.
 
-    With `network_size`, the image is resized for the network and logits are upsampled back to
-    the image's own size, so labels are always scored at their original resolution.
+    The network runs at network_size(image size, input_size), the model's own input size unless
+    `input_size` is given; logits are upsampled straight to the image's own size, so labels are
+    always scored at their original resolution (as the engine publishes them).
     """
     height, width = image.shape[:2]
-    if network_size is not None and tuple(network_size) != (height, width):
-        image = cv2.resize(image, (network_size[1], network_size[0]), interpolation=cv2.INTER_LINEAR)
-    x = image_to_tensor(image, model.config.input_mean, model.config.input_std, device)
-    logits = model.all_branch_logits(x)
+    size = network_size((height, width), model.config.input_size if input_size is None else input_size)
+    logits = model.all_branch_logits(image_to_input(image, model.config, device, size=size))
     return {b: upsample(logits[b].float(), (height, width)).argmax(1)[0] for b in branches}
 
 
@@ -48,7 +40,7 @@ def shard(indices: range) -> Iterable[int]:
 
 
 def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=BRANCHES,
-             network_size: tuple[int, int] | None = None,
+             input_size: tuple[int, int] | None = None,
              on_prediction: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
              progress: bool = True) -> dict[str, dict]:
     """{branch: {'miou', 'pixel_acc', 'iou': {class: IoU}}} over every sample of `dataset`."""
@@ -58,7 +50,7 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
     indices = shard(range(len(dataset)))
     for index in tqdm(indices, desc="evaluate", disable=not progress, leave=False):
         sample = dataset[index]
-        predictions = predict_branches(model, sample["image"], branches, device, network_size)
+        predictions = predict_branches(model, sample["image"], branches, device, input_size)
         target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))
         for branch, labels in predictions.items():
             matrices[branch].update(target, labels.cpu())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,16 @@ class ModelConfig:
     num_classes: int = 19
     keep_rate: float = 0.5
     class_map: str = "cityscapes"
-    # Input normalization, applied by whoever feeds the network: (pixel_rgb - mean) / std, 0..255 scale.
+    # Input normalization, applied by whoever feeds the network (icnet_ros.model.preprocess):
+    # (pixel - mean) / std on a 0..255 scale, mean and std given per R, G, B channel, and the
+    # channels handed to the first convolution in `input_channel_order` (Caffe models take BGR).
     input_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     input_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    input_channel_order: Literal["rgb", "bgr"] = "rgb"
+    # The frame size the network was trained at, (height, width); frames are resized to it before
+    # the network and labels come back at the frame's own size. 0 in one place keeps the frame's
+    # aspect ratio from the other; None runs the network at each frame's own size.
+    input_size: Optional[tuple[int, int]] = None
 
     def __post_init__(self):
         if self.num_classes < 1:

@@ -22,10 +22,14 @@ class CascadeLoss(nn.Module):
     `forward` returns (total, per-branch losses) so training logs can show each branch.
     """
 
-    def __init__(self, weights: dict[str, float] | None = None, ignore_index: int = 255):
+    def __init__(self, weights: dict[str, float] | None = None, ignore_index: int = 255,
+                 class_weights: torch.Tensor | None = None):
+        """weights: per branch; class_weights: optional per-class weights of the cross-entropy."""
         super().__init__()
         self.weights = dict(DEFAULT_BRANCH_WEIGHTS if weights is None else weights)
         self.ignore_index = ignore_index
+        self.register_buffer("class_weights", None if class_weights is None
+                             else torch.as_tensor(class_weights, dtype=torch.float32))
 
     def forward(self, logits: dict[str, torch.Tensor], labels: torch.Tensor):
         missing = set(self.weights) - set(logits)
@@ -34,6 +38,7 @@ class CascadeLoss(nn.Module):
         per_branch = {}
         for branch, weight in self.weights.items():
             target = resize_labels(labels, logits[branch].shape[-2:]).long()
-            per_branch[branch] = F.cross_entropy(logits[branch].float(), target, ignore_index=self.ignore_index)
+            per_branch[branch] = F.cross_entropy(logits[branch].float(), target, weight=self.class_weights,
+                                                 ignore_index=self.ignore_index)
         total = sum(self.weights[b] * loss for b, loss in per_branch.items())
         return total, per_branch

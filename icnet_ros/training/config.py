@@ -5,7 +5,7 @@ Defaults are the paper's recipe (section 5.1); each dataset's YAML documents its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from icnet_ros.paths import config_dir
 
@@ -20,10 +20,13 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     class_map: str = "cityscapes"
-    image_size: Optional[tuple[int, int]] = None  # (height, width) images are resized to first
+    # (height, width) frames are resized to first (0 on one side keeps the aspect ratio); recorded in
+    # the model as its input size, so the engine and evaluation resize frames the same way
+    image_size: Optional[tuple[int, int]] = None
     crop_size: tuple[int, int] = (1024, 1024)
     scale_range: tuple[float, float] = (0.5, 2.0)
     mirror: bool = True
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - j, 1 + j]; 0 = off
     skip_bad: bool = False
     workers: int = 4
     # model
@@ -37,6 +40,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     loss_weights: tuple[float, float, float] = (0.4, 0.4, 1.0)  # sub4, sub24, sub124
+    # per-class cross-entropy weights: "none", "median_frequency" (from the training labels, raised
+    # to class_weight_power; see training/class_weights.py) or one number per class
+    class_weights: Union[Literal["none", "median_frequency"], tuple[float, ...]] = "none"
+    class_weight_power: float = 1.0
     amp: bool = True  # mixed precision, used on CUDA only
     # progressive compression: prune to each rate in turn, fine-tuning `iterations` after each cut
     compress_schedule: tuple[float, ...] = ()

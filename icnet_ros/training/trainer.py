@@ -30,7 +30,9 @@ from icnet_ros.evaluation.evaluate import evaluate
 from icnet_ros.model.checkpoint import load_model, save_model
 from icnet_ros.model.icnet import ICNet, ModelConfig
 from icnet_ros.model.loss import CascadeLoss
-from icnet_ros.model.prune import prune_model
+from icnet_ros.model.preprocess import prepare_input
+from icnet_ros.model.prune import progressive_schedule, prune_model
+from icnet_ros.training.class_weights import resolve_class_weights
 from icnet_ros.training.config import TrainConfig
 
 log = logging.getLogger("icnet_ros.train")
@@ -91,12 +93,15 @@ class IterationBatches:
 
 
 class AugmentedDataset(Dataset):
-    """Applies the paper's augmentation with a generator seeded by the sample's key."""
+    """Applies the paper's augmentation with a generator seeded by the sample's key.
+
+    Samples stay uint8 (H, W, 3) RGB; the training step normalizes whole batches on the device with
+    the model's own preprocessing, the same function the engine and evaluation use.
+    """
 
     def __init__(self, base, config: TrainConfig, model_config: ModelConfig, ignore_index: int):
         self.base, self.config, self.ignore_index = base, config, ignore_index
-        self.mean = np.asarray(model_config.input_mean, dtype=np.float32)
-        self.std = np.asarray(model_config.input_std, dtype=np.float32)
+        self.pad_value = np.asarray(model_config.input_mean, dtype=np.float32)  # padding normalizes to ~0
 
     def __len__(self):
         return len(self.base)
@@ -108,10 +113,10 @@ class AugmentedDataset(Dataset):
         image, label = augment_sample(
             sample["image"], sample["label"], rng, crop_size=self.config.crop_size,
             scale_range=self.config.scale_range, mirror=self.config.mirror,
-            ignore_index=self.ignore_index, image_size=self.config.image_size, pad_value=self.mean,
+            ignore_index=self.ignore_index, image_size=self.config.image_size, pad_value=self.pad_value,
+            jitter=self.config.color_jitter,
         )
-        image = (image.astype(np.float32) - self.mean) / self.std
-        return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(label.astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(label.astype(np.int64))
 
 
 def make_loader(dataset, config: TrainConfig, model_config, class_map, start, rank, world, pin):
@@ -121,7 +126,19 @@ def make_loader(dataset, config: TrainConfig, model_config, class_map, start, ra
                       persistent_workers=False)
 
 
-# --- learning rate and state ---------------------------------------------------------------------
+# --- learning rate, loss check and state -----------------------------------------------------------
+def finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    """True when the loss is finite in every process.
+
+    A process that stopped alone on a NaN would leave the others waiting forever in DDP's gradient
+    all-reduce, so the processes agree first (one float all-reduce) and all stop together.
+    """
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
     return base_lr * (1.0 - iteration / total) ** power
 
@@ -144,13 +161,14 @@ class Stage:
     """Trains one model for config.iterations iterations in `out_dir` (resumable)."""
 
     def __init__(self, model: ICNet, config: TrainConfig, out_dir: Path, datasets, class_map: ClassMap,
-                 device: torch.device, rank: int, world: int):
+                 device: torch.device, rank: int, world: int, class_weights: tuple[float, ...] | None = None):
         self.model, self.config, self.out_dir = model.to(device), config, out_dir
         self.train_set, self.val_set = datasets
         self.class_map, self.device, self.rank, self.world = class_map, device, rank, world
         self.use_amp = config.amp and device.type == "cuda"
+        self.class_weights = class_weights
         self.criterion = CascadeLoss(dict(zip(("sub4", "sub24", "sub124"), config.loss_weights)),
-                                     class_map.ignore_index)
+                                     class_map.ignore_index, class_weights).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.base_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -204,13 +222,15 @@ class Stage:
         lr = poly_lr(config.base_lr, self.iteration, config.iterations, config.lr_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = prepare_input(images.to(self.device, non_blocking=True), self.model.config)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = network(images)
         loss, per_branch = self.criterion({k: v.float() for k, v in outputs.items()}, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration}; lower base_lr")
+        if not finite_on_every_rank(loss, self.world):
+            raise FloatingPointError(f"loss became non-finite (here {loss.item()}) at iteration {self.iteration}"
+                                     f"{' on at least one of the processes' if self.world > 1 else ''}; "
+                                     "lower base_lr")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -225,8 +245,7 @@ class Stage:
         return lr
 
     def validate(self, writer=None) -> dict:
-        metrics = evaluate(self.model, self.val_set, self.class_map, self.device,
-                           network_size=self.config.image_size, progress=False)
+        metrics = evaluate(self.model, self.val_set, self.class_map, self.device, progress=False)
         if self.is_main:
             summary = {b: round(m["miou"] or 0.0, 4) for b, m in metrics.items()}
             tqdm.write(f"iteration {self.iteration}: val mIoU {summary}")
@@ -262,6 +281,7 @@ class Stage:
         provenance = {"icnet_ros_version": __version__, "torch_version": torch.__version__,
                       "iteration": self.iteration, "train_config": config_to_dict(self.config),
                       "world_size": self.world, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "class_weights": self.class_weights,
                       "val_miou": {b: m["miou"] for b, m in metrics.items()}}
         save_model(self.out_dir / MODEL_FILE, self.model.cpu(), provenance)
         self.model.to(self.device)
@@ -272,21 +292,54 @@ class Stage:
 def build_datasets(config: TrainConfig, class_map: ClassMap):
     train = build_dataset(config.dataset, config.data_root, config.train_split, class_map,
                           skip_bad=config.skip_bad)
+    train.require_labels("training")
     val = None
     if config.val_split:
         val = build_dataset(config.dataset, config.data_root, config.val_split, class_map,
                             skip_bad=config.skip_bad)
+        val.require_labels("validation")
     return train, val
 
 
 def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
+    """A fresh ICNet, or the init_from checkpoint at its own width (training_stages prunes it)."""
     if config.init_from:
         model = load_model(config.init_from, expected_num_classes=class_map.num_classes)
-        if not config.compress_schedule and model.config.keep_rate != config.keep_rate:
-            model = prune_model(model, config.keep_rate)
+        if model.config.keep_rate < config.keep_rate:
+            raise ValueError(f"init_from {config.init_from} has keep rate {model.config.keep_rate}, narrower "
+                             f"than keep_rate {config.keep_rate}; pruning only removes filters")
+        if config.image_size is not None:
+            model.config = replace(model.config, input_size=config.image_size)
         return model.train()
     return ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
-                             class_map=class_map.name))
+                             class_map=class_map.name, input_size=config.image_size))
+
+
+def training_stages(config: TrainConfig, start_keep_rate: float) -> list[tuple[Path, float]]:
+    """(directory, keep rate) of each stage: one plain run, or one stage per cut of compression.
+
+    Starting from a wider checkpoint without a compress_schedule, the paper's progressive schedule
+    is used (keep 3/4, fine-tune, 1/2, fine-tune, ...): one deep cut loses far more than it recovers.
+    """
+    out_dir = Path(config.out_dir)
+    schedule = tuple(config.compress_schedule)
+    if not schedule and start_keep_rate != config.keep_rate:
+        schedule = tuple(progressive_schedule(start_keep_rate, config.keep_rate))
+    if not schedule:
+        return [(out_dir, start_keep_rate)]
+    return [(out_dir / f"keep{rate:g}", rate) for rate in schedule]
+
+
+def stage_model(model: ICNet, keep_rate: float, sync_batchnorm: bool) -> ICNet:
+    """`model` pruned to keep_rate (if narrower), with SyncBatchNorm when training on several GPUs.
+
+    prune_model builds fresh BatchNorm layers, so the conversion happens after every cut.
+    """
+    if keep_rate != model.config.keep_rate:
+        model = prune_model(model, keep_rate)
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -301,24 +354,19 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         torch.use_deterministic_algorithms(True)
     class_map = load_class_map(config.class_map)
     datasets = build_datasets(config, class_map)
-    out_dir = Path(config.out_dir)
+    class_weights = resolve_class_weights(config.class_weights, config.class_weight_power, datasets[0], class_map)
     model = initial_model(config, class_map)
-    if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    stages = [(out_dir, model.config.keep_rate)]
-    if config.compress_schedule:
-        stages = [(out_dir / f"keep{rate:g}", rate) for rate in config.compress_schedule]
+    stages = training_stages(config, model.config.keep_rate)
     for stage_dir, rate in stages:
         if resume and (stage_dir / MODEL_FILE).is_file() and not (stage_dir / STATE_FILE).is_file():
             model = load_model(stage_dir / MODEL_FILE).train()
             continue
-        if rate != model.config.keep_rate:
-            model = prune_model(model, rate)
+        model = stage_model(model, rate, sync_batchnorm=world > 1 and device.type == "cuda")
         stage_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             atomic_write_text(stage_dir / "config.json", json.dumps(config_to_dict(replace(config, keep_rate=rate)),
                                                                     indent=2))
-        stage = Stage(model, config, stage_dir, datasets, class_map, device, rank, world)
+        stage = Stage(model, config, stage_dir, datasets, class_map, device, rank, world, class_weights)
         if resume:
             stage.resume()
         stage.run()
