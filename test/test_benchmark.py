@@ -14,6 +14,7 @@ from icnet_ros.inference.benchmark import REQUIRED_KEYS, main, parse_args, parse
 from icnet_ros.inference.timing import STAGES
 from icnet_ros.model import ICNet, ModelConfig
 from icnet_ros.model.checkpoint import save_model
+from icnet_ros.model.preprocess import image_to_input
 
 TINY = ["--device", "cpu", "--keep-rates", "0.25", "--resolutions", "64x96", "--iterations", "2", "--warmup", "1"]
 
@@ -91,9 +92,7 @@ def test_cuda_is_skipped_with_a_note_when_absent(capsys):
 def test_calibrated_random_weights_give_moderate_logits():
     frames = benchmark.synthetic_frames(2, 64, 96)
     model = benchmark.build_model(0.25, None, frames)
-    x = torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float()
-    x = (x - torch.tensor(model.config.input_mean).view(1, 3, 1, 1)) / torch.tensor(model.config.input_std).view(
-        1, 3, 1, 1)
+    x = image_to_input(frames[0], model.config)
     with torch.no_grad():
         logits = model.branch_logits(x, "sub124")
     assert torch.isfinite(logits).all() and logits.abs().max() < 1e4  # fits fp16 (max 65504)

@@ -251,7 +251,7 @@ def test_colour_jitter_is_seeded_and_zero_strength_is_identity():
 def test_image_size_with_a_zero_keeps_the_aspect_ratio_in_training():
     image = np.zeros((36, 48, 3), np.uint8)
     label = np.ones((36, 48), np.uint8)
-    out, out_label = augment_sample(image, label, np.random.default_rng(0), crop_size=(80, 80),
+    _, out_label = augment_sample(image, label, np.random.default_rng(0), crop_size=(80, 80),
                                     scale_range=(1, 1), mirror=False, image_size=(72, 0), ignore_index=255)
     assert (out_label[:72, :] != 255).all() and (out_label[72:] == 255).all()  # 72x96, padded to 80x96 crop
     assert (out_label[:72, :80] == 1).all()

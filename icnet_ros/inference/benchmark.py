@@ -38,7 +38,8 @@ from icnet_ros.classmap import load_class_map
 from icnet_ros.inference.engine import PRECISIONS, SegmentationEngine, resolve_precision
 from icnet_ros.inference.timing import STAGES, percentile
 from icnet_ros.model.checkpoint import load_model
-from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig
+from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig, upsample
+from icnet_ros.model.preprocess import image_to_input, network_size, prepare_input
 
 DEFAULT_RESOLUTIONS = ("1024x2048", "720x960", "640x640")
 QUICK = {"keep_rates": [0.5, 0.25], "branches": ["sub124", "sub4"], "resolutions": ["1024x2048", "512x1024"],
@@ -108,11 +109,8 @@ def calibrate_batchnorm(model: ICNet, frames: list[np.ndarray], size: tuple[int,
             module.reset_running_stats()
             module.momentum = None  # cumulative average over the calibration batches
     model.train()
-    mean = torch.tensor(model.config.input_mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.config.input_std).view(1, 3, 1, 1)
     for frame in frames:
-        small = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        model((torch.from_numpy(small).permute(2, 0, 1)[None].float() - mean) / std)
+        model(image_to_input(cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA), model.config))
     return model.eval()
 
 
@@ -128,13 +126,14 @@ class NaiveRunner:
 
     def __init__(self, model: ICNet, device: torch.device, branch: str = "sub124") -> None:
         self.model, self.device, self.branch = model.to(device).eval(), device, branch
-        self.mean = np.asarray(model.config.input_mean, np.float32).reshape(1, 1, 1, 3)
-        self.std = np.asarray(model.config.input_std, np.float32).reshape(1, 1, 1, 3)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(((batch.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2))
+        size = network_size(batch.shape[1:3], self.model.config.input_size)
         with torch.no_grad():
-            logits = self.model(torch.from_numpy(x).to(self.device), self.branch)
+            x = prepare_input(torch.from_numpy(batch), self.model.config, size=size).contiguous()
+            logits = self.model(x.to(self.device), self.branch)
+            if tuple(logits.shape[-2:]) != tuple(batch.shape[1:3]):
+                logits = upsample(logits, batch.shape[1:3])
         return logits.cpu().numpy().argmax(axis=1)
 
 

@@ -36,7 +36,8 @@ from icnet_ros.inference.optimize import prepare_for_inference
 from icnet_ros.inference.timing import HostClock, StageTimings
 from icnet_ros.inference.upsample import upsample_argmax
 from icnet_ros.model.checkpoint import load_model
-from icnet_ros.model.icnet import BRANCHES, ICNet
+from icnet_ros.model.icnet import ICNet, check_branch
+from icnet_ros.model.preprocess import network_size, normalization_constants, normalize, resize_input
 from icnet_ros.visualization import alpha_weight, colorize_torch, overlay_torch, palette_tensor
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -76,6 +77,12 @@ class Plan:
     color: bool = False
     overlay: bool = False
     upsample: str = "sparse"
+    network_height: int = 0  # the size the network runs at (frames are resized to it); 0: the frame's
+    network_width: int = 0
+
+    @property
+    def network_size(self) -> tuple[int, int]:
+        return (self.network_height or self.height, self.network_width or self.width)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -101,19 +108,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}")
     return precision
-
-
-def normalize(frames: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channel_order: str = "rgb",
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) normalized RGB in channels-last memory, on frames' device.
-
-    The arithmetic is the model's definition, (rgb - mean) / std in float32, then a cast to `dtype`;
-    permuting NHWC to NCHW is a free view that is already channels-last.
-    """
-    if channel_order == "bgr":
-        frames = frames.flip(-1)
-    pixels = frames.permute(0, 3, 1, 2).to(torch.float32)
-    return ((pixels - mean) / std).to(dtype)
 
 
 def label_dtypes(num_classes: int, class_map: ClassMap) -> tuple[torch.dtype, np.dtype]:
@@ -157,7 +151,8 @@ class SegmentationEngine:
     def __init__(self, model: ICNet, *, class_map: ClassMap | str | None = None, device: str = "auto",
                  branch: str = "sub124", precision: str = "auto", threads: int | None = None,
                  upsample: str = "auto", alpha: float = 0.5, cuda_graphs: bool = True,
-                 compile: bool = False, fold: bool = True) -> None:
+                 compile: bool = False, fold: bool = True,
+                 input_size: tuple[int, int] | None | str = "checkpoint") -> None:
         """threads sets torch.set_num_threads (process-wide, CPU); None leaves PyTorch's default.
 
         upsample: "sparse" (exact shortcut, default on CPU) or "dense" (default on CUDA, where it is
@@ -165,6 +160,9 @@ class SegmentationEngine:
         cuda_graphs: capture static shapes in CUDA graphs (CUDA only). compile: use
         torch.compile(mode="reduce-overhead") for the network instead of manual graphs.
         fold: fold BatchNorm into the convolutions (False only to measure what folding gives).
+        input_size: the (height, width) frames are resized to before the network, labels coming back
+        at the frame's size; 0 on one side keeps the aspect ratio, None runs at each frame's size,
+        "checkpoint" (default) takes the size the model was trained at (ModelConfig.input_size).
         """
         self.device = resolve_device(device)
         if threads is not None:
@@ -183,8 +181,8 @@ class SegmentationEngine:
         self.upsample = upsample
         self.alpha = alpha
         self.compile = compile
-        self._mean = torch.tensor(model.config.input_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(model.config.input_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.input_size = model.config.input_size if input_size == "checkpoint" else input_size
+        self._mean, self._std = normalization_constants(model.config, self.device)
         self._palette = palette_tensor(self.class_map.palette(), self.num_classes, self.device)
         self._compiled: dict[str, Any] = {}
         self._runner = self._make_runner(cuda_graphs)
@@ -202,9 +200,18 @@ class SegmentationEngine:
 
     @branch.setter
     def branch(self, branch: str) -> None:
-        if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {list(BRANCHES)}, got {branch!r}")
-        self._branch = branch
+        self._branch = check_branch(branch, self.config)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return self._input_size
+
+    @input_size.setter
+    def input_size(self, size: tuple[int, int] | None) -> None:
+        if size is not None:
+            network_size((1000, 1000), size)  # validates: raises for negative or too small sizes
+            size = (int(size[0]), int(size[1]))
+        self._input_size = size
 
     @property
     def precision(self) -> str:
@@ -289,15 +296,20 @@ class SegmentationEngine:
 
     def preprocess(self, frames: np.ndarray | Sequence[np.ndarray], channel_order: str = "rgb",
                    precision: str = "fp32") -> torch.Tensor:
-        """The network input the engine builds for `frames`: (N, 3, H, W) on the engine's device."""
+        """The network input the engine builds for `frames`: (N, 3, h, w) on the engine's device."""
         batch, _ = as_batch(frames)
         uploaded = torch.from_numpy(batch).to(self.device)
-        return normalize(uploaded, self._mean, self._std, check_channel_order(channel_order), PRECISIONS[precision])
+        size = network_size(batch.shape[1:3], self.input_size)
+        return self._network_input(uploaded, check_channel_order(channel_order), size, PRECISIONS[precision])
+
+    def _network_input(self, frames: torch.Tensor, channel_order: str, size, dtype) -> torch.Tensor:
+        x = normalize(frames, self._mean, self._std, channel_order, self.config.input_channel_order, torch.float32)
+        return resize_input(x, size).to(dtype)
 
     # --- the shared computation (also what the CUDA graphs capture) -----------------------------
     def forward_logits(self, frames: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(N, H, W, 3) uint8 on device -> the branch's low-resolution logits (N, C, h, w)."""
-        x = normalize(frames, self._mean, self._std, plan.channel_order, PRECISIONS[plan.precision])
+        x = self._network_input(frames, plan.channel_order, plan.network_size, PRECISIONS[plan.precision])
         return self._network(plan.precision)(x, plan.branch)
 
     def postprocess(self, frames: torch.Tensor, logits: torch.Tensor, plan: Plan,
@@ -335,8 +347,10 @@ class SegmentationEngine:
         batch, single = as_batch(frames)
         if not (labels or color or overlay):
             raise ValueError("nothing to compute: ask for at least one of labels, color, overlay")
+        net_height, net_width = network_size(batch.shape[1:3], self.input_size)
         plan = Plan(batch.shape[0], batch.shape[1], batch.shape[2], self.branch, self.precision,
-                    check_channel_order(channel_order), bool(labels), bool(color), bool(overlay), self.upsample)
+                    check_channel_order(channel_order), bool(labels), bool(color), bool(overlay), self.upsample,
+                    net_height, net_width)
         return batch, single, plan
 
     def _alpha_for(self, alpha: float | None) -> int:

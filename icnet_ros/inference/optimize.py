@@ -20,23 +20,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from icnet_ros.model.fold import fold_batchnorm
-from icnet_ros.model.icnet import ALIGN_CORNERS, ICNet, PyramidPoolingSum
+from icnet_ros.model.icnet import ALIGN_CORNERS, ICNet, PyramidPoolingSum, fixed_avg_pool, pyramid_pool_window
 
 
 class NativePyramidPoolingSum(nn.Module):
-    """PyramidPoolingSum with F.adaptive_avg_pool2d: same bins (PyTorch's adaptive pooling edges)."""
+    """PyramidPoolingSum with PyTorch's native pooling: the same windows, without the matrix form.
 
-    def __init__(self, bins):
+    Adaptive bins use F.adaptive_avg_pool2d; the released network's fixed windows use F.avg_pool2d
+    whenever they tile the map exactly (always, but on maps smaller than the bins).
+    """
+
+    def __init__(self, source: PyramidPoolingSum):
         super().__init__()
-        self.bins = tuple(bins)
+        self.bins, self.reference_size, self.windows = source.bins, source.reference_size, source.windows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         out = x
-        for bins in self.bins:
-            pooled = F.adaptive_avg_pool2d(x, bins)
+        for index, bins in enumerate(self.bins):
+            pooled = self._pool(x, index, bins)
             out = out + F.interpolate(pooled, size, mode="bilinear", align_corners=ALIGN_CORNERS)
         return out
+
+    def _pool(self, x: torch.Tensor, index: int, bins: int) -> torch.Tensor:
+        if not self.windows:
+            return F.adaptive_avg_pool2d(x, bins)
+        kernel_h, kernel_w, stride_h, stride_w = self.windows[index]
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        kh, sh = pyramid_pool_window(height, bins, self.reference_size[0], kernel_h, stride_h)
+        kw, sw = pyramid_pool_window(width, bins, self.reference_size[1], kernel_w, stride_w)
+        if (bins - 1) * sh + kh == height and (bins - 1) * sw + kw == width:
+            return F.avg_pool2d(x, (kh, kw), (sh, sw))
+        return fixed_avg_pool(x, bins, self.reference_size, self.windows[index])
 
 
 class OneDnnConv2d(nn.Conv2d):
@@ -66,7 +81,7 @@ def _swap_modules(root: nn.Module, cpu: bool) -> None:
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, PyramidPoolingSum):
-                setattr(parent, name, NativePyramidPoolingSum(child.bins))
+                setattr(parent, name, NativePyramidPoolingSum(child))
             elif cpu and type(child) is nn.Conv2d and isinstance(child.padding, tuple):
                 setattr(parent, name, OneDnnConv2d.replacing(child))
 

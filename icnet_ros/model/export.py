@@ -23,6 +23,7 @@ from icnet_ros.atomic import atomic_path
 from icnet_ros.model.checkpoint import load_model, read_checkpoint
 from icnet_ros.model.fold import fold_batchnorm
 from icnet_ros.model.icnet import BRANCHES, MIN_INPUT_SIZE, ICNet, ModelConfig
+from icnet_ros.model.preprocess import normalization_constants
 from icnet_ros.model.summary import model_summary
 
 MAX_DYNAMIC_SIZE = 8192
@@ -37,17 +38,29 @@ class InferenceGraph(nn.Module):
         self.model.check_finite = False
         self.branch = branch
         self.labels = labels
-        self.register_buffer("mean", torch.tensor(model.config.input_mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(model.config.input_std).view(1, 3, 1, 1))
+        mean, std = normalization_constants(model.config)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.flip = model.config.input_channel_order == "bgr"  # the graph's input is always RGB
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.flip:
+            image = image.flip(1)
         logits = self.model((image - self.mean) / self.std, self.branch)
         return logits.argmax(1) if self.labels else logits
 
 
 def export_onnx(model: ICNet, path: Path, branch: str, height: int, width: int, dynamic: bool = True,
                 labels: bool = False, opset: int = 18) -> Path:
-    """Export the inference graph to ONNX atomically; returns the path."""
+    """Export the inference graph to ONNX atomically; returns the path.
+
+    A network with the released fixed pooling windows (imported Caffe weights) is exported at its
+    fixed height and width: its pooling geometry depends on the feature size.
+    """
+    if dynamic and model.config.pyramid_windows:
+        raise ValueError("this network's pyramid pooling windows are fixed for one feature size (released "
+                         "Caffe weights): export it with --static at its input size, e.g. --height "
+                         f"{(model.config.input_size or (1025, 2049))[0]} --width {(model.config.input_size or (1025, 2049))[1]}")
     graph = InferenceGraph(model, branch, labels).eval()
     example = torch.rand(1, 3, height, width) * 255
     dynamic_shapes = None

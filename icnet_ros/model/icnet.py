@@ -69,11 +69,31 @@ class ModelConfig:
     # the network and labels come back at the frame's own size. 0 in one place keeps the frame's
     # aspect ratio from the other; None runs the network at each frame's own size.
     input_size: Optional[tuple[int, int]] = None
+    # The released Caffe evaluation network (icnet-import) differs in three details, recorded here so
+    # that an imported checkpoint computes exactly what Caffe computed:
+    # - aux_heads False: it has no sub4 / sub24 classifiers, only sub124;
+    # - interp "caffe": Caffe's Interp sizes, zoom L -> L + (L-1)(z-1), so the classifier runs at
+    #   2*(H/8)-1 rather than 2*(H/8) (identical elsewhere at the released 1025x2049, both corner-aligned);
+    # - pyramid_windows: fixed pooling windows per bin (kernel_h, kernel_w, stride_h, stride_w) for a
+    #   feature map of pyramid_size, instead of adaptive bins; see pyramid_pool_window for other sizes.
+    aux_heads: bool = True
+    interp: Literal["pytorch", "caffe"] = "pytorch"
+    pyramid_size: Optional[tuple[int, int]] = None
+    pyramid_windows: tuple[tuple[int, int, int, int], ...] = ()
 
     def __post_init__(self):
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         channel_widths(self.keep_rate)  # raises for rates that do not give whole channels
+        if self.pyramid_windows and (len(self.pyramid_windows) != len(PYRAMID_BINS) or self.pyramid_size is None):
+            raise ValueError(f"pyramid_windows needs one (kernel_h, kernel_w, stride_h, stride_w) per bin "
+                             f"{PYRAMID_BINS} and the pyramid_size they are for; got {self.pyramid_windows} "
+                             f"for {self.pyramid_size}")
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The branches this network can output."""
+        return BRANCHES if self.aux_heads else ("sub124",)
 
 
 def channel_widths(keep_rate: float) -> dict:
@@ -144,27 +164,38 @@ class PyramidPoolingSum(nn.Module):
     """ICNet's pyramid pooling: average-pool to each bin grid, upsample back, SUM with the input.
 
     Unlike PSPNet there is no conv per bin and no concatenation, so the width stays the same.
+    Bins are adaptive (PyTorch's bin edges) unless `windows` gives the released network's fixed
+    Caffe pooling windows (see pyramid_pool_window).
     """
 
-    def __init__(self, bins=PYRAMID_BINS):
+    def __init__(self, bins=PYRAMID_BINS, reference_size=None, windows=()):
         super().__init__()
-        self.bins = bins
+        self.bins = tuple(bins)
+        self.reference_size = None if reference_size is None else tuple(reference_size)
+        self.windows = tuple(tuple(w) for w in windows)
 
     def forward(self, x):
         size = x.shape[-2:]
         out = x
-        for bins in self.bins:
-            pooled = adaptive_avg_pool(x, bins)
+        for index, bins in enumerate(self.bins):
+            if self.windows:
+                pooled = fixed_avg_pool(x, bins, self.reference_size, self.windows[index])
+            else:
+                pooled = adaptive_avg_pool(x, bins)
             out = out + F.interpolate(pooled, size, mode="bilinear", align_corners=ALIGN_CORNERS)
         return out
 
 
 def pooling_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
     """(bins, size) matrix whose row i averages [floor(i*size/bins), ceil((i+1)*size/bins))."""
-    positions = torch.arange(size, device=like.device)
     index = torch.arange(bins, device=like.device)[:, None]
     start = (index * size) // bins
     end = ((index + 1) * size + bins - 1) // bins
+    return _window_matrix(size, start, end, like)
+
+
+def _window_matrix(size, start: torch.Tensor, end: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(size, device=like.device)
     member = ((positions >= start) & (positions < end)).to(like.dtype)
     return member / member.sum(dim=1, keepdim=True)
 
@@ -180,17 +211,49 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
     return rows @ x @ cols.transpose(0, 1)
 
 
+def pyramid_pool_window(size: int, bins: int, reference_size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(kernel, stride) of one axis of a fixed pooling window at feature size `size`.
+
+    At the reference size (33x65 for the released 1025x2049 input) this is the released window
+    itself. Elsewhere the stride scales with the size and the kernel makes the last of the `bins`
+    windows end at the edge, as every released window does (kernel = size - (bins-1)*stride).
+    """
+    if size == reference_size:
+        return kernel, stride
+    stride = max(1, round(stride * size / reference_size))
+    return max(1, size - (bins - 1) * stride), stride
+
+
+def fixed_window_matrix(size: int, bins: int, kernel: int, stride: int, like: torch.Tensor) -> torch.Tensor:
+    """(bins, size) averaging matrix of Caffe AVE pooling without padding: window i starts at
+    i*stride (kept inside the map) and is clipped at the edge, averaging what it covers."""
+    index = torch.arange(bins, device=like.device)[:, None]
+    start = (index * stride).clamp(max=size - 1)
+    return _window_matrix(size, start, (start + kernel).clamp(max=size), like)
+
+
+def fixed_avg_pool(x: torch.Tensor, bins: int, reference_size, window) -> torch.Tensor:
+    """Average pooling over the released network's fixed windows (two matrix products)."""
+    kernel_h, kernel_w, stride_h, stride_w = window
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    rows = fixed_window_matrix(height, bins, *pyramid_pool_window(height, bins, reference_size[0], kernel_h,
+                                                                   stride_h), x)
+    cols = fixed_window_matrix(width, bins, *pyramid_pool_window(width, bins, reference_size[1], kernel_w,
+                                                                  stride_w), x)
+    return rows @ x @ cols.transpose(0, 1)
+
+
 class CascadeFeatureFusion(nn.Module):
     """CFF: up2(F_small) -> 3x3 dilated conv -> BN, plus F_large -> 1x1 conv -> BN; sum; ReLU.
 
     The auxiliary classifier on up2(F_small) gives the cascade label guidance logits.
     """
 
-    def __init__(self, small_ch, large_ch, out_ch, num_classes):
+    def __init__(self, small_ch, large_ch, out_ch, num_classes, aux_head: bool = True):
         super().__init__()
         self.dilated = ConvBN(small_ch, out_ch, 3, dilation=2, relu=False)
         self.lateral = ConvBN(large_ch, out_ch, 1, relu=False)
-        self.aux_classifier = nn.Conv2d(small_ch, num_classes, 1, bias=True)
+        self.aux_classifier = nn.Conv2d(small_ch, num_classes, 1, bias=True) if aux_head else None
 
     def forward(self, small, large):
         small_up = upsample(small, large.shape[-2:])
@@ -216,7 +279,8 @@ class BranchSizes:
     sub124: tuple[int, int]  # sub124 logits, ~H/4
 
     @classmethod
-    def for_input(cls, height: int, width: int) -> "BranchSizes":
+    def for_input(cls, height: int, width: int, interp: str = "pytorch") -> "BranchSizes":
+        """interp "caffe": the classifier's input is Caffe's zoom-2 Interp of F_sub1, 2L-1 (not 2L)."""
         def down(size, times):
             for _ in range(times):
                 size = halved(size)
@@ -224,8 +288,9 @@ class BranchSizes:
 
         sub1 = (down(height, 3), down(width, 3))
         sub2 = (down(height, 4), down(width, 4))
+        zoom = 1 if interp == "caffe" else 0
         return cls(sub1=sub1, sub2=sub2, sub4=(halved(sub2[0]), halved(sub2[1])),
-                   sub124=(2 * sub1[0], 2 * sub1[1]))
+                   sub124=(2 * sub1[0] - zoom, 2 * sub1[1] - zoom))
 
 
 class ICNet(nn.Module):
@@ -260,10 +325,11 @@ class ICNet(nn.Module):
                                      dilation=STAGE_DILATIONS["stage4"])
         self.stage5 = residual_stage(w["stage4"][1], *w["stage5"], STAGE_DEPTHS["stage5"],
                                      dilation=STAGE_DILATIONS["stage5"])
-        self.pyramid = PyramidPoolingSum()
+        self.pyramid = PyramidPoolingSum(PYRAMID_BINS, config.pyramid_size, config.pyramid_windows)
         self.conv5_4 = ConvBN(w["stage5"][1], w["conv5_4"], 1)
-        self.cff_24 = CascadeFeatureFusion(w["conv5_4"], w["stage3"][1], w["cff"], config.num_classes)
-        self.cff_124 = CascadeFeatureFusion(w["cff"], w["sub1"][2], w["cff"], config.num_classes)
+        self.cff_24 = CascadeFeatureFusion(w["conv5_4"], w["stage3"][1], w["cff"], config.num_classes,
+                                           config.aux_heads)
+        self.cff_124 = CascadeFeatureFusion(w["cff"], w["sub1"][2], w["cff"], config.num_classes, config.aux_heads)
         self.classifier = nn.Conv2d(w["cff"], config.num_classes, 1, bias=True)
         self._init_weights()
 
@@ -288,8 +354,7 @@ class ICNet(nn.Module):
 
     def branch_logits(self, image: torch.Tensor, branch: Branch = "sub124") -> torch.Tensor:
         """Logits of one branch at its own resolution, computing only what that branch needs."""
-        if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {list(BRANCHES)}, got {branch!r}")
+        check_branch(branch, self.config)
         sizes = self._checked_sizes(image)
         f_sub2, f_sub4 = self.low_and_medium_features(image, sizes)
         if branch == "sub4":
@@ -301,16 +366,19 @@ class ICNet(nn.Module):
         return self.classifier(upsample(f_124, sizes.sub124))
 
     def all_branch_logits(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All three branch logits in one pass (training: the cascade label guidance needs each)."""
+        """Every branch's logits in one pass (training: the cascade label guidance needs each).
+
+        A network without auxiliary heads (an imported evaluation net) returns sub124 only.
+        """
         sizes = self._checked_sizes(image)
         f_sub2, f_sub4 = self.low_and_medium_features(image, sizes)
         f_24, f_sub4_up = self.cff_24(f_sub4, f_sub2)
         f_124, f_24_up = self.cff_124(f_24, self.sub1(image))
-        return {
-            "sub4": self.cff_24.aux_classifier(f_sub4_up),
-            "sub24": self.cff_124.aux_classifier(f_24_up),
-            "sub124": self.classifier(upsample(f_124, sizes.sub124)),
-        }
+        logits = {"sub124": self.classifier(upsample(f_124, sizes.sub124))}
+        if self.config.aux_heads:
+            logits = {"sub4": self.cff_24.aux_classifier(f_sub4_up),
+                      "sub24": self.cff_124.aux_classifier(f_24_up), **logits}
+        return logits
 
     def forward(self, image: torch.Tensor, branch: Branch = "sub124"):
         if self.training:
@@ -320,7 +388,16 @@ class ICNet(nn.Module):
     # --- input checks ----------------------------------------------------------------------
     def _checked_sizes(self, image: torch.Tensor) -> BranchSizes:
         check_input(image, check_finite=self.check_finite)
-        return BranchSizes.for_input(image.shape[-2], image.shape[-1])
+        return BranchSizes.for_input(image.shape[-2], image.shape[-1], self.config.interp)
+
+
+def check_branch(branch: str, config: ModelConfig) -> str:
+    """`branch` if this network has it, else ValueError naming the ones it has."""
+    if branch not in config.branches:
+        extra = "" if branch not in BRANCHES else " (this network has no auxiliary heads, e.g. an imported " \
+                                                  "Caffe evaluation net)"
+        raise ValueError(f"branch must be one of {list(config.branches)}, got {branch!r}{extra}")
+    return branch
 
 
 def check_input(image: torch.Tensor, check_finite: bool = True) -> None:

@@ -87,7 +87,8 @@ def prune_state(state: dict[str, torch.Tensor], groups, target_widths: dict[str,
             for stat in ("weight", "bias", "running_mean", "running_var"):
                 _select(state, f"{producer}.bn.{stat}", 0, keep)
         for consumer in group.consumers:
-            _select(state, f"{consumer}.weight", 1, keep)
+            if f"{consumer}.weight" in state:  # networks without auxiliary heads lack their classifiers
+                _select(state, f"{consumer}.weight", 1, keep)
     return state
 
 
