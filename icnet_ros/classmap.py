@@ -97,3 +97,37 @@ def _parse_class_map(data: dict, path: Path) -> ClassMap:
             f"{path}: malformed class map ({error!r}); expected keys name, ignore_index and classes "
             "(a list of {id, name, color: [r, g, b], source_ids})"
         ) from error
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class ids of one class map expressed in another (config/label_maps/<name>.yaml)."""
+
+    name: str
+    source: ClassMap
+    target: ClassMap
+    lut: np.ndarray  # source class id (and the source's ignore index) -> target class id or ignore
+
+
+def available_label_maps() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "label_maps").glob("*.yaml"))
+
+
+def load_label_map(name: str) -> LabelMap:
+    """A label map by name, e.g. `cityscapes_to_camvid` (scoring a CamVid model on Cityscapes frames)."""
+    path = config_dir() / "label_maps" / f"{name}.yaml"
+    if not path.is_file():
+        raise ClassMapError(f"unknown label map {name!r}; available: {available_label_maps()}")
+    data = yaml.safe_load(path.read_text())
+    source, target = load_class_map(data["source"]), load_class_map(data["target"])
+    unknown = [n for n in data["classes"] if n not in source.names]
+    unknown += [t for t in data["classes"].values() if t is not None and t not in target.names]
+    if unknown or set(data["classes"]) != set(source.names):
+        raise ClassMapError(f"{path}: every class of {source.name!r} must map to a class of {target.name!r} "
+                            f"or null; unknown or missing: {unknown or sorted(set(source.names) - set(data['classes']))}")
+    lut = np.full(max(source.num_classes, source.ignore_index + 1), target.ignore_index, dtype=np.int64)
+    for source_name, target_name in data["classes"].items():
+        if target_name is not None:
+            lut[source.index(source_name)] = target.index(target_name)
+    return LabelMap(name, source, target, lut)
+

@@ -32,3 +32,16 @@ def test_camvid_and_cocostuff_sizes_and_void():
 def test_unknown_class_map_lists_the_available_ones():
     with pytest.raises(ClassMapError, match="available"):
         load_class_map("kitti")
+
+
+def test_cityscapes_to_camvid_label_map_groups_classes():
+    from icnet_ros.classmap import load_label_map
+
+    label_map = load_label_map("cityscapes_to_camvid")
+    cityscapes, camvid = label_map.source, label_map.target
+    mapped = {name: label_map.lut[cityscapes.index(name)] for name in cityscapes.names}
+    assert mapped["wall"] == mapped["building"] == camvid.index("building")
+    assert mapped["traffic_light"] == mapped["traffic_sign"] == camvid.index("sign_symbol")
+    assert mapped["bus"] == mapped["car"] == camvid.index("car")
+    assert label_map.lut[cityscapes.ignore_index] == camvid.ignore_index
+    assert set(mapped.values()) == set(range(camvid.num_classes))  # every CamVid class is reachable

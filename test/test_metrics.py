@@ -88,3 +88,28 @@ def test_evaluate_cli_writes_a_json_report_per_branch(tmp_path, capsys):
     assert len(predictions) == 2
     ids = set(np.unique(cv2.imread(str(predictions[0]), cv2.IMREAD_UNCHANGED)))
     assert ids <= set(load_class_map("cityscapes").class_to_source_lut().tolist())  # official label ids
+
+
+def test_evaluate_scores_a_camvid_model_on_cityscapes_labels_through_a_label_map(tmp_path):
+    import json
+
+    from conftest import trained_bn_model
+    from icnet_ros.classmap import load_label_map
+    from icnet_ros.data.datasets import build_dataset
+    from icnet_ros.data.synthetic import make_drives
+    from icnet_ros.evaluation.cli import main
+    from icnet_ros.model.checkpoint import save_model
+
+    make_drives(tmp_path / "data", {"val": 1}, 64, 128)
+    label_map = load_label_map("cityscapes_to_camvid")
+    plain = build_dataset("cityscapes", tmp_path / "data", "val", label_map.source)[0]["label"]
+    mapped = build_dataset("cityscapes", tmp_path / "data", "val", label_map.source, relabel=label_map.lut)[0]["label"]
+    assert np.array_equal(mapped, label_map.lut[plain])
+    assert set(np.unique(mapped)) <= set(range(11)) | {255}
+    checkpoint = save_model(tmp_path / "m.safetensors", trained_bn_model(num_classes=11, class_map="camvid"))
+    args = [str(checkpoint), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"), "--split", "val",
+            "--json", str(tmp_path / "r.json")]
+    assert main(args + ["--label-map", "cityscapes_to_camvid"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["branches"]["sub124"]["iou"]) == set(label_map.target.names)
+    assert main(args) == 1  # 19-class labels against an 11-class model without a label map: refused

@@ -54,10 +54,13 @@ def read_label(path: Path) -> np.ndarray:
 class SegmentationDataset(Dataset):
     """A list of image/label pairs read through a class map."""
 
-    def __init__(self, pairs: list[Pair], class_map: ClassMap, name: str, skip_bad: bool = False):
+    def __init__(self, pairs: list[Pair], class_map: ClassMap, name: str, skip_bad: bool = False,
+                 relabel: np.ndarray | None = None):
+        """relabel: a lookup table applied to the class ids last (LabelMap.lut: another class map's ids)."""
         if not pairs:
             raise DatasetError(f"{name}: the split is empty (no images found)")
         self.pairs, self.class_map, self.name, self.skip_bad = pairs, class_map, name, skip_bad
+        self.relabel = relabel
         self.skipped: list[tuple[str, str]] = []
         self._lut = class_map.source_to_class_lut()
 
@@ -105,6 +108,10 @@ class SegmentationDataset(Dataset):
         return {"image": image, "label": self._to_class_ids(label, pair), "path": str(pair.image)}
 
     def _to_class_ids(self, label: np.ndarray, pair: Pair) -> np.ndarray:
+        ids = self._source_class_ids(label, pair)
+        return ids if self.relabel is None else self.relabel[ids].astype(ids.dtype)
+
+    def _source_class_ids(self, label: np.ndarray, pair: Pair) -> np.ndarray:
         if pair.label_kind == "raw":
             return self._lut[label].astype(self.class_map.label_dtype)
         ignore = self.class_map.ignore_index
@@ -183,11 +190,14 @@ LAYOUTS = {"cityscapes": cityscapes_pairs, "camvid": camvid_pairs, "cocostuff": 
 
 
 def build_dataset(name: str, root: str | Path, split: str, class_map: ClassMap,
-                  skip_bad: bool = False) -> SegmentationDataset:
-    """A dataset by layout name (cityscapes, camvid, cocostuff, cityscapes_val9)."""
+                  skip_bad: bool = False, relabel: np.ndarray | None = None) -> SegmentationDataset:
+    """A dataset by layout name (cityscapes, camvid, cocostuff, cityscapes_val9).
+
+    relabel: optional lookup table from class_map's ids to another class map's (LabelMap.lut).
+    """
     if name not in LAYOUTS:
         raise DatasetError(f"unknown dataset {name!r}; known layouts: {sorted(LAYOUTS)}")
     if not str(root):
         raise DatasetError(f"{name}: no data root given (set data_root / --data-root)")
     pairs = LAYOUTS[name](Path(root), split)
-    return SegmentationDataset(pairs, class_map, f"{name} {split} at {root}", skip_bad)
+    return SegmentationDataset(pairs, class_map, f"{name} {split} at {root}", skip_bad, relabel)

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from icnet_ros.atomic import atomic_write_text
-from icnet_ros.classmap import load_class_map
-from icnet_ros.data.datasets import build_dataset
+from icnet_ros.classmap import available_label_maps, load_class_map, load_label_map
+from icnet_ros.data.datasets import DatasetError, build_dataset
 from icnet_ros.evaluation.evaluate import cityscapes_prediction_writer, evaluate
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import BRANCHES
+from icnet_ros.model.preprocess import INPUT_SIZE_HELP, parse_input_size
 from icnet_ros.training.config import DATASETS
 
 
@@ -30,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--split", default="val")
-    parser.add_argument("--branches", nargs="+", choices=BRANCHES, default=list(BRANCHES))
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                        help="resize images to this size for the network (labels stay at full size)")
+    parser.add_argument("--branches", nargs="+", choices=BRANCHES, default=list(BRANCHES),
+                        help="branches to score (those the model has; default: all)")
+    parser.add_argument("--input-size", default="checkpoint",
+                        help=f"network input size: {INPUT_SIZE_HELP}; labels are always scored at full size")
+    parser.add_argument("--label-map", choices=available_label_maps(),
+                        help="score a model on another data set's labels, mapped through "
+                             "config/label_maps/<name>.yaml (e.g. a CamVid model on Cityscapes frames)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--predictions", type=Path,
                         help="Cityscapes: write sub124 predictions as official label-id PNGs here")
@@ -46,16 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.checkpoint, map_location=args.device)
         class_map = load_class_map(model.config.class_map)
-        dataset = build_dataset(args.dataset, args.data_root, args.split, class_map, skip_bad=args.skip_bad)
+        input_size = parse_input_size(args.input_size, model.config.input_size)
+        dataset = load_scored_dataset(args, class_map)
     except (ValueError, FileNotFoundError) as error:
         print(f"icnet-evaluate: {error}", file=sys.stderr)
         return 1
     writer = None
     if args.predictions is not None:
         writer = cityscapes_prediction_writer(args.predictions, class_map, "sub124")
-    report = evaluate(model, dataset, class_map, args.device, args.branches, args.image_size, writer)
+    try:
+        report = evaluate(model, dataset, class_map, args.device, args.branches, input_size, writer)
+    except DatasetError as error:
+        hint = "" if args.label_map else f" (labels of another class map? --label-map takes {available_label_maps()})"
+        print(f"icnet-evaluate: {error}{hint}", file=sys.stderr)
+        return 1
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
-              "images": len(dataset), "skipped": [path for path, _ in dataset.skipped], "branches": report}
+              "label_map": args.label_map, "input_size": args.input_size, "images": len(dataset),
+              "skipped": [path for path, _ in dataset.skipped], "branches": report}
     print(format_report(report, class_map.names))
     for path, reason in dataset.skipped:
         print(f"skipped: {reason}", file=sys.stderr)
@@ -65,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def load_scored_dataset(args, class_map):
+    """The dataset whose labels are scored in the model's class map (through --label-map if given)."""
+    if args.label_map is None:
+        return build_dataset(args.dataset, args.data_root, args.split, class_map, skip_bad=args.skip_bad)
+    label_map = load_label_map(args.label_map)
+    if label_map.target.name != class_map.name:
+        raise ValueError(f"label map {args.label_map} gives {label_map.target.name!r} classes but the model "
+                         f"predicts {class_map.name!r}; pick a label map whose target is {class_map.name!r}")
+    return build_dataset(args.dataset, args.data_root, args.split, label_map.source, skip_bad=args.skip_bad,
+                         relabel=label_map.lut)
 
 
 def format_report(report: dict, class_names) -> str:

@@ -43,7 +43,13 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
              input_size: tuple[int, int] | None = None,
              on_prediction: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
              progress: bool = True) -> dict[str, dict]:
-    """{branch: {'miou', 'pixel_acc', 'iou': {class: IoU}}} over every sample of `dataset`."""
+    """{branch: {'miou', 'pixel_acc', 'iou': {class: IoU}}} over every sample of `dataset`.
+
+    Branches the model does not have (an imported evaluation net has sub124 only) are left out.
+    """
+    branches = [b for b in branches if b in model.config.branches]
+    if not branches:
+        raise ValueError(f"none of the requested branches exist in this model; it has {list(model.config.branches)}")
     was_training = model.training
     model.eval()
     matrices = {b: ConfusionMatrix(class_map.num_classes, class_map.ignore_index) for b in branches}
