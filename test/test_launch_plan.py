@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -10,70 +11,158 @@ import yaml
 from icnet_ros import demo
 from icnet_ros.config import ConfigError
 from icnet_ros.paths import config_dir
+from icnet_ros.ros import launch_plan
 from icnet_ros.ros.launch_plan import LAUNCH_ARGUMENTS, plan_launch, rviz_config_for
+from icnet_ros.ros.node_config import load_node_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def installed(*names):
+    """A package_available stand-in: these ROS packages are installed, no others."""
+    return lambda name: name in names
+
+
+def plan(values, available=("ros2bag", "rviz2"), environ=None, **options):
+    return plan_launch(values, package_available=installed(*available), environ=environ or {}, **options)
+
+
+@pytest.fixture
+def tiny_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(demo, "DRIVE_FRAMES", 2)
+    monkeypatch.setattr(demo, "DRIVE_HEIGHT", 64)
+    monkeypatch.setattr(demo, "DRIVE_WIDTH", 128)
+    return tmp_path
+
+
 def test_the_launch_arguments_the_package_documents():
     names = {argument.name for argument in LAUNCH_ARGUMENTS}
-    assert {"dataset", "compression", "branch", "model", "image_topic", "device", "rviz", "bag", "demo",
-            "use_sim_time"} <= names
+    assert {"dataset", "compression", "branch", "model", "image_topic", "namespace", "device", "rviz", "bag",
+            "demo", "use_sim_time", "dds_config", "autostart"} <= names
     choices = {argument.name: argument.choices for argument in LAUNCH_ARGUMENTS}
     assert choices["compression"] == ("1.0", "0.5", "0.25")
     assert choices["dataset"] == ("cityscapes", "camvid", "cocostuff")
 
 
-def test_no_arguments_run_the_demo_weights_on_the_camera_topic():
-    plan = plan_launch({})
-    assert plan.params_file == config_dir() / "segment.yaml"
-    assert plan.node_parameters["keep_rate"] == 0.25 and plan.node_parameters["dataset"] == "cityscapes"
-    assert "model" not in plan.node_parameters  # empty model: the registry picks the demo weights
-    assert plan.node_parameters["image_topics"] == ["/camera/image_raw"]
-    assert plan.bag_command == [] and plan.rviz_config is None and plan.use_sim_time is False
+def test_no_arguments_leave_every_node_parameter_to_the_parameter_file():
+    result = plan({})
+    assert result.params_file == config_dir() / "segment.yaml"
+    assert result.node_parameters == {"autostart": False}  # launch drives configure and activate
+    assert result.namespace == "" and result.remappings == []
+    assert result.bag_command == [] and result.rviz_config is None and result.use_sim_time is False
+    assert result.autostart is True
 
 
-def test_arguments_become_node_parameters():
-    plan = plan_launch({"dataset": "camvid", "compression": "1.0", "branch": "sub4", "device": "cpu",
-                        "model": "/models/camvid.safetensors", "image_topic": "/front/image_raw",
-                        "input_transport": "compressed", "use_sim_time": "true"})
-    parameters = plan.node_parameters
-    assert parameters["dataset"] == "camvid" and parameters["keep_rate"] == 1.0 and parameters["branch"] == "sub4"
-    assert parameters["model"] == "/models/camvid.safetensors" and parameters["input_transport"] == "compressed"
-    assert parameters["image_topics"] == ["/front/image_raw"] and parameters["use_sim_time"] is True
+def test_a_users_parameter_file_is_not_overridden_by_launch_defaults(tmp_path):
+    """The regression of the first real run: branch: sub4 in params_file gave a node running sub124."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+        "branch": "sub4", "device": "cpu", "keep_rate": 0.5, "precision": "fp32", "dataset": "camvid",
+        "image_topics": ["front/image_raw", "rear/image_raw"]}}}))
+    result = plan({"params_file": str(mine)})
+    assert result.node_parameters == {"autostart": False}
+    effective = load_node_config(mine, result.node_parameters)
+    assert (effective.branch, effective.device, effective.keep_rate, effective.precision) == ("sub4", "cpu", 0.5,
+                                                                                               "fp32")
+    assert effective.image_topics == ["front/image_raw", "rear/image_raw"]
+    given = plan({"params_file": str(mine), "branch": "sub24"})
+    assert given.node_parameters == {"branch": "sub24", "autostart": False}  # only what the user gave
+
+
+def test_arguments_the_user_gives_become_node_parameters():
+    result = plan({"dataset": "camvid", "compression": "1.0", "branch": "sub4", "device": "cpu",
+                   "model": "/models/camvid.safetensors", "input_transport": "compressed", "use_sim_time": "true"})
+    assert result.node_parameters == {"dataset": "camvid", "keep_rate": 1.0, "branch": "sub4", "device": "cpu",
+                                      "model": "/models/camvid.safetensors", "input_transport": "compressed",
+                                      "use_sim_time": True, "autostart": False}
+
+
+def test_image_topic_puts_the_node_beside_the_camera_with_its_image_remapped():
+    result = plan({"image_topic": "/front/image_raw"})
+    assert result.namespace == "/front" and result.remappings == [("image", "/front/image_raw")]
+    assert "image_topics" not in result.node_parameters  # relative "image", resolved in the namespace
+    explicit = plan({"image_topic": "/front/image_raw", "namespace": "/robot1"})
+    assert explicit.namespace == "/robot1" and explicit.remappings == [("image", "/front/image_raw")]
+
+
+def test_image_topic_with_a_multi_camera_parameter_file_is_refused(tmp_path):
+    mine = tmp_path / "two.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"image_topics": ["front/image", "rear/image"]}}}))
+    with pytest.raises(ConfigError, match="remaps the node's 'image' topic"):
+        plan({"params_file": str(mine), "image_topic": "/cam/image_raw"})
 
 
 @pytest.mark.parametrize("values,expected", [
     ({"compression": "0.3"}, "['1.0', '0.5', '0.25']"),
     ({"dataset": "kitti"}, "not one of"),
     ({"device": "gpu"}, "auto, cpu, cuda, cuda:N"),
-    ({"rviz": "yes"}, "not one of ['true', 'false']"),
+    ({"rviz": "yes"}, "not one of ['auto', 'true', 'false']"),
     ({"bag": "/no/such/bag"}, "is not a rosbag2"),
     ({"camera": "x"}, "unknown launch argument"),
+    ({"dds_config": "huge"}, "not one of ['large_images']"),
 ])
 def test_bad_arguments_fail_before_anything_starts(values, expected):
     with pytest.raises(ConfigError) as error:
-        plan_launch(values)
+        plan(values)
     assert expected in str(error.value)
 
 
 def test_a_bag_is_played_in_a_loop_with_the_clock_under_sim_time(tmp_path):
     (tmp_path / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
-    assert plan_launch({"bag": str(tmp_path)}).bag_command == ["ros2", "bag", "play", str(tmp_path), "--loop"]
-    plan = plan_launch({"bag": str(tmp_path), "use_sim_time": "true"})
-    assert plan.bag_command[-2:] == ["--clock", "40"] and plan.node_parameters["use_sim_time"] is True
+    assert plan({"bag": str(tmp_path)}).bag_command == ["ros2", "bag", "play", str(tmp_path), "--loop"]
+    result = plan({"bag": str(tmp_path), "use_sim_time": "true"})
+    assert result.bag_command[-2:] == ["--clock", "40"] and result.node_parameters["use_sim_time"] is True
+    with pytest.raises(ConfigError, match="ros2bag"):
+        plan({"bag": str(tmp_path)}, available=())
 
 
-def test_demo_plays_the_embedded_drive_and_opens_rviz(tmp_path, monkeypatch):
-    monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path))
-    monkeypatch.setattr(demo, "DRIVE_FRAMES", 2)
-    monkeypatch.setattr(demo, "DRIVE_HEIGHT", 64)
-    monkeypatch.setattr(demo, "DRIVE_WIDTH", 128)
-    plan = plan_launch({"demo": "true"})
-    bag = Path(plan.bag_command[3])
-    assert plan.bag_command[:3] == ["ros2", "bag", "play"] and (bag / "metadata.yaml").is_file()
-    assert bag.is_relative_to(tmp_path)
-    assert plan.rviz_config == config_dir() / "segment.rviz"
+def test_demo_plays_the_embedded_drive_and_opens_rviz_where_installed(tiny_demo):
+    result = plan({"demo": "true"})
+    bag = Path(result.bag_command[3])
+    assert result.bag_command[:3] == ["ros2", "bag", "play"] and (bag / "metadata.yaml").is_file()
+    assert bag.is_relative_to(tiny_demo)
+    assert result.namespace == "/camera" and result.remappings == [("image", demo.DEMO_TOPIC)]
+    assert result.rviz_config == config_dir() / "segment.rviz"
+
+
+def test_demo_without_rviz_runs_headless_and_says_so(tiny_demo):
+    """The first real run: demo:=true without RViz failed after starting the node and the bag player."""
+    result = plan({"demo": "true"}, available=("ros2bag",))
+    assert result.rviz_config is None and result.bag_command
+    assert any("not installed: running headless" in note for note in result.notes)
+    assert plan({"demo": "true", "rviz": "false"}, available=("ros2bag",)).notes == []
+
+
+def test_rviz_asked_for_but_not_installed_is_an_error_before_anything_starts(tiny_demo):
+    with pytest.raises(ConfigError, match="rviz2, which is not installed"):
+        plan({"demo": "true", "rviz": "true"}, available=("ros2bag",))
+
+
+def test_large_image_dds_settings_add_to_the_users_own(monkeypatch, tmp_path):
+    monkeypatch.setattr(launch_plan, "RMEM_MAX", tmp_path / "rmem_max")
+    (tmp_path / "rmem_max").write_text("212992\n")
+    loopback = "file:///etc/cyclone_loopback.xml"
+    result = plan({"dds_config": "large_images"}, environ={"CYCLONEDDS_URI": loopback})
+    cyclone = config_dir() / "dds" / "cyclonedds_large_images.xml"
+    assert result.environment["CYCLONEDDS_URI"] == f"{loopback},file://{cyclone}"  # loopback stays in force
+    assert result.environment["FASTRTPS_DEFAULT_PROFILES_FILE"] == str(config_dir() / "dds" / "fastdds_large_images.xml")
+    assert any("net.core.rmem_max is 212992" in note for note in result.notes)
+    theirs = plan({"dds_config": "large_images"}, environ={"FASTRTPS_DEFAULT_PROFILES_FILE": "/mine.xml"})
+    assert "FASTRTPS_DEFAULT_PROFILES_FILE" not in theirs.environment
+    assert plan({}).environment == {}
+
+
+def test_the_shipped_dds_settings_ask_for_16_mib_socket_buffers():
+    cyclone = ElementTree.parse(config_dir() / "dds" / "cyclonedds_large_images.xml").getroot()
+    namespace = {"c": "https://cdds.io/config"}
+    assert cyclone.find("c:Domain/c:Internal/c:SocketReceiveBufferSize", namespace).get("max") == "16MiB"
+    assert not cyclone.findall(".//c:NetworkInterface", namespace)  # never pins an interface
+    fastdds = ElementTree.parse(config_dir() / "dds" / "fastdds_large_images.xml").getroot()
+    namespace = {"f": "http://www.eprosima.com/XMLSchemas/fastRTPS_Profiles"}
+    sizes = [int(e.text) for e in fastdds.iter() if e.tag.endswith("receiveBufferSize")]
+    assert sizes == [launch_plan.LARGE_IMAGE_SOCKET_BUFFER]
+    assert fastdds.find("f:participant", namespace).get("is_default_profile") == "true"
 
 
 def _image_topics(rviz_path: Path) -> dict[str, str]:
@@ -88,12 +177,14 @@ def test_the_rviz_view_shows_camera_overlay_and_colors():
         "Segmentation colors": "/camera/segmentation/color"}
 
 
-def test_the_rviz_view_follows_the_image_topic(tmp_path):
-    path = rviz_config_for("/front/image_rect", tmp_path)
+def test_the_rviz_view_follows_the_camera_and_the_namespace(tmp_path):
+    path = rviz_config_for("/front/image_rect", "/front", tmp_path)
     assert _image_topics(path) == {
         "Camera": "/front/image_rect", "Segmentation overlay": "/front/segmentation/overlay",
         "Segmentation colors": "/front/segmentation/color"}
-    assert plan_launch({"rviz": "true", "image_topic": "/front/image_rect"}).rviz_config.name == "segment.rviz"
+    robot = rviz_config_for("/robot1/image", "/robot1", tmp_path / "robot")
+    assert _image_topics(robot)["Segmentation overlay"] == "/robot1/segmentation/overlay"
+    assert plan({"rviz": "true", "image_topic": "/front/image_rect"}).rviz_config.name == "segment.rviz"
 
 
 def test_the_launch_file_only_translates_the_plan():
@@ -101,5 +192,5 @@ def test_the_launch_file_only_translates_the_plan():
     tree = ast.parse(source)
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert {"generate_launch_description", "launch_setup"} <= functions
-    assert "plan_launch(" in source and "LAUNCH_ARGUMENTS" in source
+    assert "plan_launch(" in source and "LAUNCH_ARGUMENTS" in source and "LifecycleNode(" in source
     assert "eval(" not in source and "subprocess" not in source

@@ -1,5 +1,6 @@
 """The node's frame handling without ROS: latest-frame buffer, drops, conversion, batching, header
-passthrough, malformed frames, engine failures, runtime parameter changes and the worker thread.
+passthrough, lazy outputs, camera_info relay, malformed frames, engine failures, clock mismatches,
+missing input frames, runtime parameter changes and the two worker threads.
 
 Messages are rosbags classes (what a recording holds); the node runs the same code with rclpy's.
 """
@@ -15,18 +16,15 @@ import pytest
 from conftest import trained_bn_model
 
 from icnet_ros.inference.engine import SegmentationEngine
+from icnet_ros.ros.frame_buffer import IncomingFrame, LatestFrameBuffer
 from icnet_ros.ros.health import ERROR, OK, WARN, HealthMonitor, Thresholds
 from icnet_ros.ros.image_conversion import make_header, numpy_to_image, rgb_to_compressed
+from icnet_ros.ros.log_throttle import LogThrottle
 from icnet_ros.ros.messages import package_typestore, rosbags_message_types
 from icnet_ros.ros.node_config import NodeConfig, with_changes
-from icnet_ros.ros.pipeline import (
-    FrameProcessor,
-    IncomingFrame,
-    LatestFrameBuffer,
-    LogThrottle,
-    ModelInfo,
-    SegmentationWorker,
-)
+from icnet_ros.ros.processor import FrameProcessor, everyone_listens
+from icnet_ros.ros.publisher import CameraInfoCache, ModelInfo, OutputPublisher
+from icnet_ros.ros.worker import BufferWorker
 from icnet_ros.visualization import overlay as blend
 
 HEIGHT, WIDTH = 64, 96
@@ -38,10 +36,14 @@ def engine():
     return SegmentationEngine(trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid"), device="cpu")
 
 
+START_NS = 1_700_000_000 * 10**9
+STAMP_NS = START_NS - 30_000_000  # camera frames stamped 30 ms before the node's clock reads them
+
+
 class Clock:
     """A settable clock in nanoseconds: health verdicts depend on time, so tests set it."""
 
-    def __init__(self, now_ns: int = 1_700_000_000 * 10**9) -> None:
+    def __init__(self, now_ns: int = START_NS) -> None:
         self.now_ns = now_ns
 
     def __call__(self) -> int:
@@ -52,18 +54,25 @@ class Clock:
 
 
 class Rig:
-    """A FrameProcessor wired to a list of published messages, as the node wires it to publishers."""
+    """A FrameProcessor delivering straight to an OutputPublisher that appends to a list: the node's
+    data flow without its two threads (tested separately below)."""
 
-    def __init__(self, engine, config: NodeConfig | None = None, topics=TOPICS) -> None:
+    def __init__(self, engine, config: NodeConfig | None = None, topics=TOPICS, demand=everyone_listens,
+                 camera_infos: CameraInfoCache | None = None) -> None:
         self.clock = Clock()
         self.published: list[tuple[int, str, object]] = []
         self.logged: list[tuple[str, str]] = []
         self.config = config or NodeConfig(image_topics=list(topics), device="cpu", dataset="camvid")
         self.health = HealthMonitor(list(topics), self.clock())
-        self.processor = FrameProcessor(engine, self.config, rosbags_message_types(),
-                                        lambda camera, name, msg: self.published.append((camera, name, msg)),
-                                        self.health, self.clock, ModelInfo("test.safetensors", "camvid", 0.25, "cpu"),
-                                        lambda kind, text: self.logged.append((kind, text)))
+        self.publisher = OutputPublisher(rosbags_message_types(),
+                                         lambda camera, name, msg: self.published.append((camera, name, msg)),
+                                         self.health, self.clock, ModelInfo("test.safetensors", "camvid", 0.25, "cpu"),
+                                         self.config, camera_infos=camera_infos, demand=demand)
+        self.processor = FrameProcessor(engine, self.config, self.publisher.publish_frame, self.health, self.clock,
+                                        lambda kind, text: self.logged.append((kind, text)), demand)
+
+    def set_config(self, config: NodeConfig) -> None:
+        self.processor.config = self.publisher.config = config
 
     def outputs(self, camera: int) -> dict[str, object]:
         return {name: msg for cam, name, msg in self.published if cam == camera}
@@ -73,7 +82,7 @@ def frame_pixels(seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> np.
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def image_message(rgb: np.ndarray, encoding: str = "rgb8", frame_id: str = "front_camera", stamp_ns: int = 42):
+def image_message(rgb: np.ndarray, encoding: str = "rgb8", frame_id: str = "front_camera", stamp_ns: int = STAMP_NS):
     pixels = {
         "rgb8": rgb, "bgr8": np.ascontiguousarray(rgb[..., ::-1]),
         "rgba8": np.dstack((rgb, np.full(rgb.shape[:2], 200, np.uint8))),
@@ -261,7 +270,7 @@ def test_malformed_frames_are_counted_logged_and_the_rest_still_published(engine
     assert [(r.camera, r.outcome) for r in results] == [(0, "malformed"), (1, "segmented")]
     assert rig.outputs(0) == {}  # nothing half-published for the bad frame
     assert set(rig.outputs(1)) == {"labels", "color", "overlay", "timing"}
-    assert rig.health.counts(0) == (0, 0, 1)
+    assert (rig.health.counts(0).processed, rig.health.counts(0).malformed) == (0, 1)
     assert rig.logged and rig.logged[0][0] == "malformed" and TOPICS[0] in rig.logged[0][1]
     report = rig.health.camera_report(0, rig.clock(), Thresholds())
     assert report.level == WARN and "malformed" in report.message
@@ -294,11 +303,11 @@ def test_frames_replaced_before_processing_are_counted_in_the_timing_message(eng
     rig = Rig(engine)
     buffer = LatestFrameBuffer(2)
     for stamp in range(3):  # three frames arrive while the worker is busy: two are replaced
-        frame = IncomingFrame(0, image_message(frame_pixels(stamp), stamp_ns=stamp), False, rig.clock())
+        frame = IncomingFrame(0, image_message(frame_pixels(stamp), stamp_ns=STAMP_NS + stamp), False, rig.clock())
         rig.health.frame_received(0, rig.clock(), buffer.put(frame))
     rig.processor.process(buffer.take(timeout=0))
     timing = rig.outputs(0)["timing"]
-    assert timing.header.stamp.nanosec == 2  # the newest frame was the one segmented
+    assert timing.header.stamp.nanosec == (STAMP_NS + 2) % 10**9  # the newest frame was the one segmented
     assert (timing.frames_processed, timing.frames_dropped, timing.frames_malformed) == (1, 2, 0)
 
 
@@ -308,8 +317,8 @@ def test_branch_alpha_and_outputs_change_between_frames(engine):
     rgb = frame_pixels(12)
     rig.processor.process([incoming(image_message(rgb))])
     rig.published.clear()
-    rig.processor.config = with_changes(rig.processor.config, {"branch": "sub4", "overlay_alpha": 0.0,
-                                                               "publish_color": False})
+    rig.set_config(with_changes(rig.processor.config, {"branch": "sub4", "overlay_alpha": 0.0,
+                                                       "publish_color": False}))
     rig.processor.process([incoming(image_message(rgb))])
     out = rig.outputs(0)
     assert set(out) == {"labels", "overlay", "timing"}
@@ -332,8 +341,8 @@ def test_worker_segments_what_arrives_and_survives_a_crashing_batch(engine):
         return original(frames)
 
     rig.processor.process = flaky
-    worker = SegmentationWorker(buffer, rig.processor, lambda kind, text: rig.logged.append((kind, text)),
-                                poll_s=0.01)
+    worker = BufferWorker("segmentation", buffer, rig.processor.process,
+                          lambda kind, text: rig.logged.append((kind, text)), poll_s=0.01)
     worker.start()
     try:
         buffer.put(incoming(image_message(frame_pixels(13))))
@@ -344,7 +353,7 @@ def test_worker_segments_what_arrives_and_survives_a_crashing_batch(engine):
     finally:
         worker.stop()
     assert not worker.alive
-    assert any(kind == "worker" and "a bug in one batch" in text for kind, text in rig.logged)
+    assert any(kind == "segmentation" and "a bug in one batch" in text for kind, text in rig.logged)
 
 
 def _wait_for(condition, timeout=20.0):
@@ -367,14 +376,14 @@ def test_health_verdicts_over_time():
     for _ in range(20):  # 20 Hz in, every frame segmented with 30 ms latency
         clock.advance(0.05)
         health.frame_received(0, clock(), replaced_unprocessed=False)
-        health.frame_segmented(0, clock(), latency_ms=30.0, node_ms=20.0)
+        health.frame_published(0, clock(), latency_ms=30.0, node_ms=20.0)
     report = health.camera_report(0, clock(), thresholds)
     assert report.level == OK, report.message
     assert dict(report.values)["rate_hz"] == "20.00" and dict(report.values)["frames_segmented"] == "20"
     for _ in range(10):  # the engine falls behind: 5 Hz segmented, 150 ms latency, frames dropped
         clock.advance(0.2)
         health.frame_received(0, clock(), replaced_unprocessed=True)
-        health.frame_segmented(0, clock(), latency_ms=150.0, node_ms=190.0)
+        health.frame_published(0, clock(), latency_ms=150.0, node_ms=190.0)
     report = health.camera_report(0, clock(), thresholds)
     assert report.level == WARN and "below the expected 10 Hz" in report.message and "latency" in report.message
     clock.advance(2.5)
@@ -398,8 +407,9 @@ def test_the_pipeline_imports_no_ros():
     import subprocess
     import sys
 
-    code = ("import sys; import icnet_ros.ros.pipeline, icnet_ros.ros.health, icnet_ros.ros.node_config, "
-            "icnet_ros.ros.launch_plan, icnet_ros.ros.topics; "
+    code = ("import sys; import icnet_ros.ros.session, icnet_ros.ros.processor, icnet_ros.ros.publisher, "
+            "icnet_ros.ros.worker, icnet_ros.ros.health, icnet_ros.ros.node_config, icnet_ros.ros.launch_plan, "
+            "icnet_ros.ros.topics, icnet_ros.ros.overhead; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('rclpy', 'rcl_interfaces', 'launch', 'launch_ros',"
             " 'sensor_msgs', 'diagnostic_updater')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -407,7 +417,7 @@ def test_the_pipeline_imports_no_ros():
 
 def test_cv2_is_what_decodes_bayer(engine):
     """A Bayer frame reaches the engine demosaiced (three different channels), not as grey."""
-    from icnet_ros.ros.pipeline import engine_input
+    from icnet_ros.ros.engine_input import engine_input
 
     rgb = frame_pixels(15)
     bayer = image_message(rgb, "bayer_rggb8")
@@ -419,16 +429,17 @@ def test_cv2_is_what_decodes_bayer(engine):
 def test_recycled_messages_carry_each_frame_and_are_rebuilt_when_the_size_changes(engine):
     """The node recycles output messages (rclpy copies them in publish); every frame must still be right."""
     from icnet_ros.ros.overhead import RclpyLikeImage, RclpyLikeTiming
-    from icnet_ros.ros.pipeline import MessageTypes
+    from icnet_ros.ros.publisher import MessageTypes
 
     seen = []
     config = NodeConfig(image_topics=["/front/image_raw"], device="cpu", dataset="camvid")
     health = HealthMonitor(["/front/image_raw"], 0)
-    processor = FrameProcessor(
-        engine, config, MessageTypes(RclpyLikeImage, RclpyLikeTiming),
+    publisher = OutputPublisher(
+        MessageTypes(RclpyLikeImage, RclpyLikeTiming),
         lambda camera, name, msg: seen.append((name, msg, bytes(msg.data) if name != "timing" else None,
                                                getattr(msg, "header", None))),
-        health, Clock(), ModelInfo("m", "camvid", 0.25, "cpu"), reuse_messages=True)
+        health, Clock(), ModelInfo("m", "camvid", 0.25, "cpu"), config, reuse_messages=True)
+    processor = FrameProcessor(engine, config, publisher.publish_frame, health, Clock())
     label_messages = []
     for seed, (height, width) in enumerate([(HEIGHT, WIDTH), (HEIGHT, WIDTH), (48, 64)]):
         rgb = frame_pixels(20 + seed, height, width)
@@ -442,3 +453,153 @@ def test_recycled_messages_carry_each_frame_and_are_rebuilt_when_the_size_change
         label_messages.append(published["labels"][0])
     assert label_messages[1] is label_messages[0]  # same size: the same message object, refilled
     assert label_messages[2] is not label_messages[0] and label_messages[2].width == 64  # rebuilt
+
+
+# --- lazy outputs: nothing is computed for an output nobody subscribes to ----------------------------
+class RecordingEngine(CountingEngine):
+    """Also records the outputs each engine call was asked for."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.asked = []
+
+    def segment(self, frames, **options):
+        self.asked.append({name for name in ("labels", "color", "overlay") if options.get(name)})
+        return super().segment(frames, **options)
+
+
+class Subscribers:
+    """Which outputs have a subscriber, changeable between frames (the node asks rclpy per frame)."""
+
+    def __init__(self, *outputs: str) -> None:
+        self.outputs = set(outputs)
+
+    def __call__(self, camera: int, output: str) -> bool:
+        return output in self.outputs
+
+
+def test_only_outputs_with_a_subscriber_are_computed_and_published(engine):
+    recording, subscribers = RecordingEngine(engine), Subscribers("labels")
+    rig = Rig(recording, demand=subscribers)
+    [result] = rig.processor.process([incoming(image_message(frame_pixels(30)))])
+    assert recording.asked == [{"labels"}] and result.outputs == ("labels",)
+    assert set(rig.outputs(0)) == {"labels", "timing"} and list(rig.outputs(0)["timing"].outputs) == ["labels"]
+    subscribers.outputs |= {"overlay"}  # a subscriber joins: the next frame has its output
+    rig.published.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(31)))])
+    assert recording.asked[-1] == {"labels", "overlay"} and set(rig.outputs(0)) == {"labels", "overlay", "timing"}
+
+
+def test_with_no_subscriber_nothing_is_computed_but_timing_and_health_go_on(engine):
+    recording = RecordingEngine(engine)
+    rig = Rig(recording, demand=Subscribers())
+    [result] = rig.processor.process([incoming(image_message(frame_pixels(32)))])
+    assert result.outcome == "idle" and recording.asked == []
+    timing = rig.outputs(0)["timing"]
+    assert list(timing.outputs) == [] and timing.forward_ms == 0 and timing.frames_processed == 1
+    values = dict(rig.health.camera_report(0, rig.clock(), Thresholds()).values)
+    assert values["frames_without_subscribers"] == "1" and values["frames_segmented"] == "0"
+
+
+def test_a_disabled_output_is_not_computed_even_with_subscribers(engine):
+    recording = RecordingEngine(engine)
+    rig = Rig(recording, NodeConfig(image_topics=TOPICS, device="cpu", dataset="camvid", publish_color=False))
+    rig.processor.process([incoming(image_message(frame_pixels(33)))])
+    assert recording.asked == [{"labels", "overlay"}] and "color" not in rig.outputs(0)
+
+
+# --- camera_info relay ---------------------------------------------------------------------------------
+def camera_info(stamp_ns: int, width: int = WIDTH):
+    store = package_typestore()
+    info_type = store.types["sensor_msgs/msg/CameraInfo"]
+    roi = store.types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0,
+                                                          do_rectify=False)
+    return info_type(header=make_header("optical_frame", stamp_ns), height=HEIGHT, width=width,
+                     distortion_model="plumb_bob", d=np.zeros(5), k=np.eye(3).ravel(), r=np.eye(3).ravel(),
+                     p=np.zeros(12), binning_x=0, binning_y=0, roi=roi)
+
+
+def test_camera_info_is_relayed_with_the_outputs_header(engine):
+    infos = CameraInfoCache(2)
+    rig = Rig(engine, camera_infos=infos)
+    rig.processor.process([incoming(image_message(frame_pixels(34)))])
+    assert "camera_info" not in rig.outputs(0)  # none received yet: nothing to relay
+    infos.put(0, camera_info(STAMP_NS - 10**8, width=1))
+    infos.put(0, camera_info(STAMP_NS))  # the one stamped like the frame
+    infos.put(0, camera_info(STAMP_NS + 10**8, width=2))
+    frame = image_message(frame_pixels(35), frame_id="front_camera")
+    rig.processor.process([incoming(frame)])
+    relayed = rig.outputs(0)["camera_info"]
+    assert relayed.header == frame.header and relayed.width == WIDTH
+    assert list(rig.outputs(0)["timing"].outputs) == ["labels", "color", "overlay", "camera_info"]
+    raw = package_typestore().serialize_cdr(relayed, "sensor_msgs/msg/CameraInfo")
+    assert package_typestore().deserialize_cdr(raw, "sensor_msgs/msg/CameraInfo").header.frame_id == "front_camera"
+
+
+# --- clocks and missing frames -------------------------------------------------------------------------
+def test_a_stamp_on_another_clock_is_reported_not_taken_for_a_latency(engine):
+    """The first real run: a bag replayed without use_sim_time reported a latency of 9.6e10 ms."""
+    rig = Rig(engine)
+    recorded = image_message(frame_pixels(36), stamp_ns=STAMP_NS - 26 * 3600 * 10**9)  # a day-old recording
+    rig.processor.process([incoming(recorded)])
+    timing = rig.outputs(0)["timing"]
+    assert np.isnan(timing.latency_ms)
+    report = rig.health.camera_report(0, rig.clock(), Thresholds())
+    assert report.level == WARN and "use_sim_time:=true" in report.message
+    assert dict(report.values)["latency_ms_median"] == "n/a"
+    rig.published.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(37)))])  # a live frame: a real latency again
+    assert rig.outputs(0)["timing"].latency_ms == pytest.approx(30.0)
+
+
+def test_gaps_in_the_camera_stamps_are_reported_as_missing_frames():
+    clock = Clock()
+    health = HealthMonitor(["/cam/image_raw"], clock())
+    period = 100_000_000  # a 10 Hz camera
+    stamps = [STAMP_NS + i * period for i in range(12) if i not in (7, 8, 10)]  # three frames never arrive
+    for stamp in stamps:
+        clock.now_ns = stamp + 30_000_000
+        health.frame_received(0, clock(), False, stamp)
+        health.frame_published(0, clock(), 30.0, 20.0)
+    report = health.camera_report(0, clock(), Thresholds(diagnostics_window_s=5.0))
+    values = dict(report.values)
+    assert values["frames_missing"] == "3" and values["input_rate_hz"] == "10.00"
+    assert report.level == WARN and "3 input frame(s) missing" in report.message and "DDS" in report.message
+    assert health.counts(0).missing == 3
+    health.frame_received(0, clock(), False, STAMP_NS)  # a replay starting over is no gap
+    assert health.counts(0).missing == 3
+    clock.advance(6.0)
+    health.frame_received(0, clock(), False, STAMP_NS + period)
+    assert "missing" not in health.camera_report(0, clock(), Thresholds(diagnostics_window_s=5.0)).message
+
+
+# --- the two threads: publishing never delays segmentation ---------------------------------------------
+def test_slow_publishing_does_not_delay_the_next_frame(engine):
+    """rclpy serializes in publish(): 18 ms per 2 MP frame. The segmentation thread must not wait for it."""
+    from icnet_ros.ros.session import SegmentationSession
+
+    config = NodeConfig(image_topics=["front/image"], device="cpu", dataset="camvid")
+    release = threading.Event()
+    published = []
+
+    def slow_publish(camera, name, message):
+        release.wait(10)  # a subscriber that takes forever to serialize for
+        published.append(name)
+
+    session = SegmentationSession(engine, config, "test.safetensors", rosbags_message_types(), slow_publish,
+                                  everyone_listens, Clock(), LogThrottle(lambda text: None, 5.0),
+                                  reuse_messages=False)
+    session.start()
+    try:
+        for seed in range(4):
+            session.frame_arrived(0, image_message(frame_pixels(40 + seed)), False, Clock()())
+            _wait_for(lambda: session.frames_waiting() == 0)  # the segmentation worker took it
+        # the publisher is stuck in frame 1; frames 2, 3 and 4 were segmented, and 2 and 3 replaced
+        _wait_for(lambda: session.health.cameras[0].unpublished == 2)
+        assert published == []  # all the while the publisher was stuck in its first publish()
+        release.set()
+        _wait_for(lambda: "timing" in published)
+    finally:
+        release.set()
+        assert session.stop(5.0)
+    assert not session.running

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import runpy
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -84,7 +85,8 @@ def test_non_ros_entry_points_import(entry_point):
     assert callable(function)
 
 
-ROS_PACKAGES_IMPORTED_AT_RUNTIME = ("icnet_ros/ros/node.py", "launch/segment.launch.py", "icnet_ros/paths.py")
+ROS_PACKAGES_IMPORTED_AT_RUNTIME = ("icnet_ros/ros/node.py", "launch/segment.launch.py", "icnet_ros/paths.py",
+                                    "icnet_ros/ros/launch_plan.py")
 
 
 @pytest.mark.parametrize("source", ROS_PACKAGES_IMPORTED_AT_RUNTIME)
@@ -102,7 +104,7 @@ def test_every_ros_package_the_node_and_launch_file_import_is_a_dependency(packa
             imported.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
-    not_ros = {"icnet_ros", "__future__", "sys", "os", "functools", "pathlib"}
+    not_ros = {"icnet_ros", "torch", *sys.stdlib_module_names}
     ros_packages = imported - not_ros
     assert ros_packages, source
     missing = {name for name in ros_packages if name not in depends}

@@ -1,4 +1,5 @@
-"""The segmentation node under a real rclpy: topics, headers, diagnostics, parameters, bad frames.
+"""The segmentation node under a real rclpy: topics, headers, diagnostics, parameters, bad frames,
+lazy outputs, camera_info, clocks, the lifecycle, namespaces and remapping, start-up errors, shutdown.
 
 These tests need a sourced ROS 2 (Humble or Jazzy) workspace in which icnet_ros was built with
 colcon (for the generated icnet_ros.msg), and skip everywhere else with the reason. The frame
@@ -6,6 +7,11 @@ handling itself is tested without ROS in test_node_pipeline.py.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,7 +26,7 @@ try:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
+    from sensor_msgs.msg import CameraInfo, Image
 
     from icnet_ros.ros.node import SegmentationNode
 except ImportError as error:
@@ -29,6 +35,7 @@ except ImportError as error:
 else:
     MISSING = ""
 
+from icnet_ros.ros.health import Thresholds
 from icnet_ros.ros.image_conversion import numpy_to_image
 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(bool(MISSING), reason=MISSING)]
@@ -36,16 +43,23 @@ TOPIC = "/test_cam/image_raw"
 OUT = "/test_cam/segmentation"
 
 
+def _node(*parameters, **options):
+    node = SegmentationNode(parameter_overrides=[
+        Parameter("image_topics", Parameter.Type.STRING_ARRAY, [TOPIC]),
+        Parameter("device", Parameter.Type.STRING, "cpu"),
+        Parameter("stall_timeout_s", Parameter.Type.DOUBLE, 30.0),
+        *parameters,
+    ], **options)
+    assert node.start(), node.failure  # what autostart does in main()
+    return node
+
+
 @pytest.fixture
 def ros():
     rclpy.init()
     node = probe = executor = None
     try:
-        node = SegmentationNode(parameter_overrides=[
-            Parameter("image_topics", Parameter.Type.STRING_ARRAY, [TOPIC]),
-            Parameter("device", Parameter.Type.STRING, "cpu"),
-            Parameter("stall_timeout_s", Parameter.Type.DOUBLE, 30.0),
-        ])
+        node = _node()
         probe = rclpy.create_node("icnet_test_probe")
         executor = SingleThreadedExecutor()
         executor.add_node(node)
@@ -75,10 +89,12 @@ def _spin_until(executor, condition, timeout=60.0):
         executor.spin_once(timeout_sec=0.05)
 
 
-def _camera_image(encoding="bgr8", stamp=(1_700_000_000, 123_456_789)):
+def _camera_image(encoding="bgr8", stamp=None):
+    """A camera frame stamped `stamp` (sec, nanosec), by default now (as a live camera stamps it)."""
     pixels = np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)
     msg = numpy_to_image(pixels, encoding, None, Image)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = stamp
+    now_ns = time.time_ns()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = stamp or (now_ns // 10**9, now_ns % 10**9)
     msg.header.frame_id = "test_camera"
     return msg
 
@@ -93,7 +109,7 @@ def test_node_publishes_every_output_with_the_input_header(ros):
     latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     label_info = _collect(probe, f"{OUT}/label_info", LabelInfo, latched)
     camera = probe.create_publisher(Image, TOPIC, 10)
-    image = _camera_image()
+    image = _camera_image(stamp=(int(time.time()) - 1, 123_456_789))
     _spin_until(executor, lambda: camera.get_subscription_count() > 0)
 
     def published_all():
@@ -104,14 +120,15 @@ def test_node_publishes_every_output_with_the_input_header(ros):
 
     _spin_until(executor, published_all)
     for name, messages in outputs.items():
-        assert messages[0].header.stamp.sec == 1_700_000_000 and messages[0].header.stamp.nanosec == 123_456_789
+        assert messages[0].header.stamp == image.header.stamp
         assert messages[0].header.frame_id == "test_camera", name
         assert (messages[0].height, messages[0].width) == (96, 160)
     assert (outputs["labels"][0].encoding, outputs["color"][0].encoding, outputs["overlay"][0].encoding) == \
         ("mono8", "rgb8", "bgr8")
     timing = timings[0]
     assert timing.header.frame_id == "test_camera" and timing.model and timing.branch == "sub124"
-    assert timing.keep_rate == pytest.approx(0.25) and timing.forward_ms > 0
+    assert timing.keep_rate == pytest.approx(0.25) and timing.forward_ms > 0 and 0 < timing.latency_ms < 60_000
+    assert sorted(timing.outputs) == ["color", "labels", "overlay"]
     _spin_until(executor, lambda: label_info)
     assert [c.class_name for c in label_info[0].class_map][:3] == ["road", "sidewalk", "building"]
     _spin_until(executor, lambda: any(s.name.endswith(f"segmentation {TOPIC}") for a in diagnostics for s in a.status))
@@ -128,7 +145,7 @@ def test_malformed_frames_are_counted_and_the_node_keeps_running(ros):
     bad.step = 1  # shorter than one row: malformed
     _spin_until(executor, lambda: camera.get_subscription_count() > 0)
     camera.publish(bad)
-    _spin_until(executor, lambda: node.health.counts(0)[2] >= 1)
+    _spin_until(executor, lambda: node.session.health.counts(0).malformed >= 1)
     good = _camera_image()
 
     def labelled():
@@ -137,17 +154,190 @@ def test_malformed_frames_are_counted_and_the_node_keeps_running(ros):
         return bool(labels)
 
     _spin_until(executor, labelled)
-    assert node.worker.alive
+    assert node.session.running
 
 
 def test_runtime_parameters_change_and_startup_ones_are_refused(ros):
-    node, _probe, _executor = ros
+    node, probe, executor = ros
+    labels, colors = _collect(probe, f"{OUT}/labels", Image), _collect(probe, f"{OUT}/color", Image)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    _publish_until(executor, camera, _camera_image(), lambda: labels and colors)
     results = node.set_parameters([Parameter("branch", Parameter.Type.STRING, "sub4"),
                                    Parameter("overlay_alpha", Parameter.Type.DOUBLE, 0.8),
                                    Parameter("publish_color", Parameter.Type.BOOL, False)])
     assert all(r.successful for r in results)
-    assert node.processor.config.branch == "sub4" and node.processor.config.overlay_alpha == 0.8
+    assert node.session.processor.config.branch == "sub4" and node.session.processor.config.overlay_alpha == 0.8
+    _spin_until(executor, lambda: node.session.frames_waiting() == 0)
+    time.sleep(0.5)  # a frame taken before the change may still be on its way out
+    executor.spin_once(timeout_sec=0.1)
+    colors_before, labels_before = len(colors), len(labels)
+    _publish_until(executor, camera, _camera_image(), lambda: len(labels) >= labels_before + 3)
+    assert len(colors) == colors_before  # publish_color:=false stopped the topic
     assert not node.set_parameters([Parameter("branch", Parameter.Type.STRING, "sub8")])[0].successful
     assert not node.set_parameters([Parameter("overlay_alpha", Parameter.Type.DOUBLE, 1.5)])[0].successful
     refused = node.set_parameters([Parameter("keep_rate", Parameter.Type.DOUBLE, 0.5)])[0]
     assert not refused.successful
+
+
+def _publish_until(executor, camera, image, condition, timeout=60.0):
+    def done():
+        if condition():
+            return True
+        camera.publish(image)
+        return False
+
+    _spin_until(executor, done, timeout)
+
+
+def test_only_subscribed_outputs_are_computed_and_camera_info_is_relayed(ros):
+    _node, probe, executor = ros
+    labels = _collect(probe, f"{OUT}/labels", Image)
+    timings = _collect(probe, f"{OUT}/timing", SegmentationTiming)
+    infos = _collect(probe, f"{OUT}/camera_info", CameraInfo)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    camera_info = probe.create_publisher(CameraInfo, "/test_cam/camera_info", 10)
+    image = _camera_image()
+    info = CameraInfo(header=image.header, height=96, width=160, distortion_model="plumb_bob")
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0 and camera_info.get_subscription_count() > 0)
+
+    def relayed():
+        if infos and labels:
+            return True
+        camera_info.publish(info)
+        camera.publish(image)
+        return False
+
+    _spin_until(executor, relayed)
+    assert infos[0].header.frame_id == "test_camera" and infos[0].width == 160
+    latest = timings[-1]
+    assert sorted(latest.outputs) == ["camera_info", "labels"]  # nobody subscribed to color or overlay
+
+
+def test_a_recording_replayed_without_sim_time_reports_no_latency_but_the_clock_mismatch(ros):
+    node, probe, executor = ros
+    timings = _collect(probe, f"{OUT}/timing", SegmentationTiming)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    _publish_until(executor, camera, _camera_image(stamp=(1_500_000_000, 0)), lambda: timings)
+    assert np.isnan(timings[0].latency_ms)
+    report = node.session.health.camera_report(0, node.get_clock().now().nanoseconds, Thresholds())
+    assert "use_sim_time:=true" in report.message
+
+
+def test_lifecycle_deactivate_stops_and_cleanup_frees_then_the_node_comes_back(ros):
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node, probe, executor = ros
+    labels = _collect(probe, f"{OUT}/labels", Image)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    _publish_until(executor, camera, _camera_image(), lambda: labels)
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert not node.session.running and camera.get_subscription_count() == 0
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS and node.session is None
+    assert node.start()  # configure + activate again
+    before = len(labels)
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    _publish_until(executor, camera, _camera_image(), lambda: len(labels) > before)
+
+
+def test_topics_are_relative_to_the_namespace_and_follow_remapping():
+    rclpy.init()
+    node = probe = None
+    try:
+        node = SegmentationNode(namespace="/robot1", cli_args=["--ros-args", "-r", "image:=/cams/front/image_raw"],
+                                parameter_overrides=[Parameter("device", Parameter.Type.STRING, "cpu")])
+        assert node.config.image_topics == ["image"] and node.start(), node.failure
+        probe = rclpy.create_node("icnet_namespace_probe")
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.add_node(probe)
+        labels = _collect(probe, "/robot1/segmentation/labels", Image)
+        camera = probe.create_publisher(Image, "/cams/front/image_raw", 10)
+        _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+        _publish_until(executor, camera, _camera_image(), lambda: labels)
+        assert labels[0].header.frame_id == "test_camera"
+        executor.shutdown()
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        if probe is not None:
+            probe.destroy_node()
+        rclpy.try_shutdown()
+
+
+def _run_node(*ros_args, wait_for=None, timeout=120):
+    """`python -m icnet_ros.ros.node` as ros2 run starts it; returns (process, output so far)."""
+    command = [sys.executable, "-m", "icnet_ros.ros.node", "--ros-args", "-p", "device:=cpu", *ros_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait_for is None:
+        return process, process.communicate(timeout=timeout)[0]
+    output, deadline = "", time.monotonic() + timeout
+    while wait_for not in output:
+        assert time.monotonic() < deadline and process.poll() is None, output
+        output += process.stdout.readline()
+    return process, output
+
+
+def test_a_startup_error_is_one_clear_message_and_exit_code_1():
+    process, output = _run_node("-p", "device:=cuda:3" if not _has_cuda() else "device:=cuda:99")
+    assert process.returncode == 1, output
+    assert "error:" in output and ("CUDA" in output or "cuda" in output) and "Traceback" not in output
+
+
+def _has_cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_node_shuts_down_cleanly_on_a_signal(signum):
+    process, output = _run_node("-r", f"image:={TOPIC}", wait_for="segmenting")
+    os.kill(process.pid, signum)
+    rest = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output + rest
+    assert "Traceback" not in rest and "Error" not in rest
+
+
+# --- `ros2 launch` as a user runs it ---------------------------------------------------------------
+
+def _ros2_launch(*arguments):
+    return subprocess.Popen(["ros2", "launch", "icnet_ros", "segment.launch.py", *arguments],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _our_processes():
+    """PIDs of the node and the bag player started by a launch (pgrep), to prove nothing was left behind."""
+    found = subprocess.run(["pgrep", "-f", "icnet_ros.ros.node|segment_node|ros2 bag play"], capture_output=True, check=False,
+                           text=True).stdout.split()
+    return [pid for pid in found if int(pid) != os.getpid()]
+
+
+@pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
+def test_demo_runs_headless_where_rviz_is_not_installed(tmp_path):
+    launch = _ros2_launch("demo:=true", "device:=cpu", "rviz:=false")
+    output, deadline = "", time.monotonic() + 240
+    try:
+        while "segmenting /camera/image_raw" not in output:
+            assert time.monotonic() < deadline and launch.poll() is None, output
+            output += launch.stdout.readline()
+    finally:
+        os.killpg(launch.pid, signal.SIGINT)
+        output += launch.communicate(timeout=60)[0]
+    assert launch.returncode == 0, output
+    assert not _our_processes(), output
+
+
+@pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
+def test_rviz_asked_for_where_it_is_not_installed_starts_nothing():
+    from icnet_ros.ros.launch_plan import ros_package_available
+
+    if ros_package_available("rviz2"):
+        pytest.skip("RViz is installed here: nothing to refuse")
+    launch = _ros2_launch("demo:=true", "device:=cpu", "rviz:=true")
+    output = launch.communicate(timeout=120)[0]
+    assert launch.returncode != 0 and "rviz2, which is not installed" in output, output
+    assert not _our_processes(), output

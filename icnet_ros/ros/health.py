@@ -1,13 +1,16 @@
 """Per-camera counters and the diagnostic verdict the node publishes on /diagnostics (no ROS imports).
 
-The node feeds events in (frame received, replaced before processing, malformed, segmented, engine
-failure) with timestamps from its clock; camera_report() turns them into a level, a one-line
-message and key/value pairs, which the node hands to diagnostic_updater unchanged. The rules:
+The node feeds events in (frame received with its stamp, replaced before processing, malformed,
+published, engine failure, a stamp too far from the node's clock) with timestamps from its clock;
+camera_report() turns them into a level, a one-line message and key/value pairs, which the node
+hands to diagnostic_updater unchanged. The rules:
 
 - ERROR: no frame for stall_timeout_s (input stalled, or nothing since start), or the engine failed
   on frames in the last window;
 - WARN: waiting for a first frame, a rate below expected_rate_hz * (1 - rate_tolerance), a median
-  latency above max_latency_ms, or malformed frames in the last window;
+  latency above max_latency_ms, malformed frames, input frames missing (gaps in the cameras' header
+  stamps: frames lost before they reached the node, e.g. in DDS), or input stamps that disagree
+  with the node's clock by more than clock_mismatch_s (a recording replayed without use_sim_time);
 - OK otherwise. Dropped frames alone are not a fault: latest-frame processing drops by design when
   the camera is faster than the engine. They are reported, and the rate check catches a slow engine.
 """
@@ -22,6 +25,12 @@ import numpy as np
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 NS_PER_S = 1_000_000_000
+# Gap detection in the input stamps: a camera's frame interval is the median of its recent
+# intervals (robust to the odd late frame); an interval over GAP_FACTOR times it means frames
+# went missing, round(interval / typical) - 1 of them. Too few intervals: no verdict yet.
+GAP_FACTOR = 1.5
+STAMP_INTERVALS_KEPT = 32
+MIN_STAMP_INTERVALS = 5
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,16 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class FrameCounts:
+    """A camera's totals since start, as the timing message reports them."""
+
+    processed: int
+    dropped: int
+    malformed: int
+    missing: int
+
+
+@dataclass(frozen=True)
 class DiagnosticReport:
     level: int
     message: str
@@ -55,17 +74,31 @@ class DiagnosticReport:
 class CameraStats:
     topic: str
     received: int = 0
-    dropped: int = 0
+    dropped: int = 0  # replaced in the input buffer before the worker took them
+    unpublished: int = 0  # segmented, then replaced by a newer result before the publisher took them
     malformed: int = 0
     failed: int = 0
-    processed: int = 0
+    processed: int = 0  # published (or, with no subscriber, handled without computing anything)
+    idle: int = 0  # of those, frames nobody subscribed to: nothing was computed
+    missing: int = 0  # frames that never arrived: gaps in the header stamps
+    clock_mismatches: int = 0
     first_received_ns: int | None = None
     last_received_ns: int | None = None
+    last_stamp_ns: int | None = None
+    last_clock_offset_s: float = 0.0
     last_problem: str = ""
-    # (publish time ns, latency ms, node time ms) of recent segmented frames
+    # (publish time ns, latency ms or None, node time ms) of recent published frames
     segmented: deque = field(default_factory=deque)
     malformed_at: deque = field(default_factory=deque)  # times of recent malformed frames
     failed_at: deque = field(default_factory=deque)  # times of recent engine failures
+    missing_at: deque = field(default_factory=deque)  # (time, frames missing) of recent gaps
+    mismatch_at: deque = field(default_factory=deque)  # times of recent stamps far from the node's clock
+    stamp_intervals: deque = field(default_factory=lambda: deque(maxlen=STAMP_INTERVALS_KEPT))
+
+    def typical_interval_ns(self) -> float | None:
+        if len(self.stamp_intervals) < MIN_STAMP_INTERVALS:
+            return None
+        return float(np.median(self.stamp_intervals))
 
 
 class HealthMonitor:
@@ -77,7 +110,8 @@ class HealthMonitor:
         self._lock = threading.Lock()
 
     # --- events ---------------------------------------------------------------------------------
-    def frame_received(self, camera: int, now_ns: int, replaced_unprocessed: bool) -> None:
+    def frame_received(self, camera: int, now_ns: int, replaced_unprocessed: bool,
+                       stamp_ns: int | None = None) -> None:
         with self._lock:
             stats = self.cameras[camera]
             stats.received += 1
@@ -85,6 +119,39 @@ class HealthMonitor:
             if stats.first_received_ns is None:
                 stats.first_received_ns = now_ns
             stats.last_received_ns = now_ns
+            if stamp_ns is not None:
+                self._note_stamp(stats, now_ns, stamp_ns)
+
+    @staticmethod
+    def _note_stamp(stats: CameraStats, now_ns: int, stamp_ns: int) -> None:
+        """Count the frames missing between this stamp and the previous one (see GAP_FACTOR)."""
+        previous, stats.last_stamp_ns = stats.last_stamp_ns, stamp_ns
+        if previous is None:
+            return
+        interval = stamp_ns - previous
+        if interval <= 0:  # a replay started over, or frames came out of order: measure afresh
+            stats.stamp_intervals.clear()
+            return
+        typical = stats.typical_interval_ns()
+        if typical is not None and interval > GAP_FACTOR * typical:
+            lost = max(1, round(interval / typical) - 1)
+            stats.missing += lost
+            stats.missing_at.append((now_ns, lost))
+            return
+        stats.stamp_intervals.append(interval)
+
+    def result_dropped(self, camera: int) -> None:
+        """A segmented frame was replaced by a newer one before the publisher took it."""
+        with self._lock:
+            self.cameras[camera].unpublished += 1
+
+    def clock_mismatch(self, camera: int, now_ns: int, offset_s: float) -> None:
+        """A frame's stamp is `offset_s` behind the node's clock, more than any latency could be."""
+        with self._lock:
+            stats = self.cameras[camera]
+            stats.clock_mismatches += 1
+            stats.mismatch_at.append(now_ns)
+            stats.last_clock_offset_s = offset_s
 
     def frame_malformed(self, camera: int, now_ns: int, problem: str) -> None:
         with self._lock:
@@ -101,17 +168,21 @@ class HealthMonitor:
                 stats.failed_at.append(now_ns)
                 stats.last_problem = problem
 
-    def frame_segmented(self, camera: int, now_ns: int, latency_ms: float, node_ms: float) -> None:
+    def frame_published(self, camera: int, now_ns: int, latency_ms: float | None, node_ms: float,
+                        computed: bool = True) -> None:
+        """A frame's outputs went out; latency None when its stamp cannot be compared (clock mismatch).
+        computed False: nobody subscribed to any image, so nothing was computed (timing only)."""
         with self._lock:
             stats = self.cameras[camera]
             stats.processed += 1
+            stats.idle += int(not computed)
             stats.segmented.append((now_ns, latency_ms, node_ms))
 
-    def counts(self, camera: int) -> tuple[int, int, int]:
-        """(processed, dropped, malformed) of one camera, for the timing message."""
+    def counts(self, camera: int) -> FrameCounts:
+        """One camera's totals, for the timing message."""
         with self._lock:
             stats = self.cameras[camera]
-            return stats.processed, stats.dropped, stats.malformed
+            return FrameCounts(stats.processed, stats.dropped, stats.malformed, stats.missing)
 
     # --- verdicts -------------------------------------------------------------------------------
     def camera_report(self, camera: int, now_ns: int, thresholds: Thresholds) -> DiagnosticReport:
@@ -120,19 +191,25 @@ class HealthMonitor:
             window_ns = int(thresholds.diagnostics_window_s * NS_PER_S)
             self._forget_before(stats, now_ns - window_ns)
             rate = self._rate(stats, now_ns, window_ns)
-            latencies = [latency for _, latency, _ in stats.segmented]
+            latencies = [latency for _, latency, _ in stats.segmented if latency is not None]
             node_times = [node_ms for _, _, node_ms in stats.segmented]
             problems = self._problems(stats, now_ns, thresholds, rate, latencies)
+            typical = stats.typical_interval_ns()
             values = (
                 ("topic", stats.topic),
                 ("rate_hz", f"{rate:.2f}"),
+                ("input_rate_hz", f"{NS_PER_S / typical:.2f}" if typical else "n/a"),
                 ("latency_ms_median", _median_text(latencies)),
                 ("node_time_ms_median", _median_text(node_times)),
                 ("frames_received", str(stats.received)),
-                ("frames_segmented", str(stats.processed)),
+                ("frames_segmented", str(stats.processed - stats.idle)),
+                ("frames_without_subscribers", str(stats.idle)),
                 ("frames_dropped", str(stats.dropped)),
+                ("frames_unpublished", str(stats.unpublished)),
+                ("frames_missing", str(stats.missing)),
                 ("frames_malformed", str(stats.malformed)),
                 ("frames_failed", str(stats.failed)),
+                ("clock_offset_s", f"{stats.last_clock_offset_s:.1f}" if stats.mismatch_at else "n/a"),
                 ("last_problem", stats.last_problem or "none"),
             )
         level = max((level for level, _ in problems), default=OK)
@@ -141,9 +218,11 @@ class HealthMonitor:
 
     @staticmethod
     def _forget_before(stats: CameraStats, cutoff_ns: int) -> None:
-        for events in (stats.malformed_at, stats.failed_at):
+        for events in (stats.malformed_at, stats.failed_at, stats.mismatch_at):
             while events and events[0] < cutoff_ns:
                 events.popleft()
+        while stats.missing_at and stats.missing_at[0][0] < cutoff_ns:
+            stats.missing_at.popleft()
         while stats.segmented and stats.segmented[0][0] < cutoff_ns:
             stats.segmented.popleft()
 
@@ -168,6 +247,16 @@ class HealthMonitor:
                                     f"{stats.last_problem}"))
         if stats.malformed_at:
             problems.append((WARN, f"{len(stats.malformed_at)} malformed frame(s) {window}: {stats.last_problem}"))
+        if stats.missing_at:
+            typical = stats.typical_interval_ns()
+            rate = f" (camera at {NS_PER_S / typical:.1f} Hz)" if typical else ""
+            problems.append((WARN, f"{sum(n for _, n in stats.missing_at)} input frame(s) missing {window}, by the "
+                                   f"gaps in the header stamps{rate}: frames are lost before they reach the node, "
+                                   "e.g. in DDS (see README: large images over DDS)"))
+        if stats.mismatch_at:
+            problems.append((WARN, f"input stamps are {stats.last_clock_offset_s:.0f} s away from the node's clock "
+                                   f"({len(stats.mismatch_at)} frame(s) {window}), so no latency is reported; "
+                                   "replaying a recording? use_sim_time:=true with `ros2 bag play --clock`"))
         minimum_rate = thresholds.expected_rate_hz * (1.0 - thresholds.rate_tolerance)
         if thresholds.expected_rate_hz > 0 and input_problem is None and rate < minimum_rate:
             problems.append((WARN, f"rate {rate:.1f} Hz is below the expected {thresholds.expected_rate_hz:g} Hz "

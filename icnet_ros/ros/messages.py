@@ -34,8 +34,8 @@ def package_typestore() -> Any:
 
 
 def rosbags_message_types():
-    """pipeline.MessageTypes made of rosbags classes (for tools and tests without rclpy)."""
-    from icnet_ros.ros.pipeline import MessageTypes
+    """publisher.MessageTypes made of rosbags classes (for tools and tests without rclpy)."""
+    from icnet_ros.ros.publisher import MessageTypes
 
     store = package_typestore()
     return MessageTypes(image=store.types["sensor_msgs/msg/Image"],

@@ -1,21 +1,27 @@
-"""The icnet_ros segmentation node: `ros2 run icnet_ros segment_node`. A thin rclpy layer over pipeline.py.
+"""The icnet_ros segmentation node: `ros2 run icnet_ros segment_node`. A thin rclpy layer over session.py.
 
-It declares one parameter per NodeConfig field (config/segment.yaml), loads the checkpoint that
-dataset and keep_rate select, subscribes to each camera with sensor-data QoS, and hands every
-message to a one-slot buffer; a worker thread segments and publishes, per camera:
+A lifecycle node (rclpy.lifecycle): configure loads the checkpoint the parameters select and
+prepares the engine for the camera size; activate subscribes and publishes; deactivate stops;
+cleanup frees the model and the GPU memory. With autostart (the default) it configures and
+activates itself, so `ros2 run` gives a working node; the launch file and lifecycle managers set
+autostart false and drive the transitions. Per camera (names relative to the node's namespace):
 
-    <camera ns>/segmentation/labels      sensor_msgs/Image (mono8, mono16 beyond 255 classes)
-    <camera ns>/segmentation/color       sensor_msgs/Image (rgb8)
-    <camera ns>/segmentation/overlay     sensor_msgs/Image (the input's encoding; rgb8 for mono/Bayer/YUV)
-    <camera ns>/segmentation/timing      icnet_ros/SegmentationTiming
-    <camera ns>/segmentation/label_info  vision_msgs/LabelInfo (transient local: latched)
-    /diagnostics                         diagnostic_msgs/DiagnosticArray (diagnostic_updater)
+    <camera ns>/segmentation/labels       sensor_msgs/Image (mono8, mono16 beyond 255 classes)
+    <camera ns>/segmentation/color        sensor_msgs/Image (rgb8)
+    <camera ns>/segmentation/overlay      sensor_msgs/Image (the input's encoding; rgb8 for mono/Bayer/YUV)
+    <camera ns>/segmentation/camera_info  sensor_msgs/CameraInfo (the camera's, relayed)
+    <camera ns>/segmentation/timing       icnet_ros/SegmentationTiming
+    <camera ns>/segmentation/label_info   vision_msgs/LabelInfo (transient local: latched)
+    /diagnostics                          diagnostic_msgs/DiagnosticArray (diagnostic_updater)
 
-Every output carries the input's header. Only this module (and the launch file) imports ROS.
+Every output carries the input's header. An image output nobody subscribes to is not computed.
+Only this module (and the launch file) imports ROS.
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from functools import partial
 
 import rclpy
@@ -29,17 +35,17 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from icnet_ros.config import ConfigError
-from icnet_ros.inference.engine import SegmentationEngine
-from icnet_ros.model.checkpoint import CheckpointError
-from icnet_ros.model.registry import resolve_checkpoint
+from icnet_ros.model.icnet import check_branch
 from icnet_ros.msg import SegmentationTiming
-from icnet_ros.ros.health import ERROR, OK, WARN, HealthMonitor, Thresholds
+from icnet_ros.ros.health import ERROR, OK, WARN, Thresholds
+from icnet_ros.ros.log_throttle import LogThrottle
 from icnet_ros.ros.node_config import (
     NODE_NAME,
     NodeConfig,
@@ -48,16 +54,10 @@ from icnet_ros.ros.node_config import (
     parameter_specs,
     with_changes,
 )
-from icnet_ros.ros.pipeline import (
-    FrameProcessor,
-    IncomingFrame,
-    LatestFrameBuffer,
-    LogThrottle,
-    MessageTypes,
-    ModelInfo,
-    SegmentationWorker,
-)
-from icnet_ros.ros.topics import TopicError, output_topics, subscription_topic
+from icnet_ros.ros.processor import IMAGE_OUTPUTS
+from icnet_ros.ros.publisher import MessageTypes
+from icnet_ros.ros.session import STARTUP_ERRORS, SegmentationSession, create_engine, startup_error_message
+from icnet_ros.ros.topics import camera_info_topic, output_topics, subscription_topic
 
 PARAMETER_TYPES = {
     "string": ParameterType.PARAMETER_STRING,
@@ -68,45 +68,117 @@ PARAMETER_TYPES = {
 }
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 DIAGNOSTIC_LEVELS = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}
-IMAGE_OUTPUTS = ("labels", "color", "overlay")
 CONFIG_FIELDS = frozenset(spec.name for spec in parameter_specs())
 SHUTDOWN_WAIT_S = 2.0  # well inside launch's 5 s before it escalates SIGINT to SIGTERM
+SPIN_TIMEOUT_S = 0.1  # main loop wake-up: how soon a SIGINT/SIGTERM is acted on
+CAMERA_INFO_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
-class SegmentationNode(Node):
+class SegmentationNode(LifecycleNode):
     """ICNet on every camera frame; see the module docstring for topics and config/segment.yaml for parameters."""
 
     def __init__(self, **node_options) -> None:
         super().__init__(NODE_NAME, **node_options)
         self.config = self._declare_parameters()
-        checkpoint = resolve_checkpoint(self.config.model, self.config.model_dir, self.config.dataset,
-                                        self.config.keep_rate)
+        self.session: SegmentationSession | None = None
+        self.failure = ""  # why the last configure failed, for the log, main() and /diagnostics
+        self._publishers: list[dict] = []
+        self._camera_subscriptions: list = []  # not self._subscriptions: rclpy's Node keeps its own list
+        self._diagnostics = Updater(self)  # positional only: older releases take no period
+        self._diagnostics.setHardwareID("icnet_ros")
+        self._diagnostics.add("segmentation node", self._diagnose_node)
+        if getattr(self._diagnostics, "timer", None) is None:  # releases without their own timer
+            self._diagnostics_timer = self.create_timer(1.0, self._diagnostics.force_update)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> bool:
+        """configure + activate (autostart); False with self.failure set when configure fails."""
+        return (self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+                and self.trigger_activate() == TransitionCallbackReturn.SUCCESS)
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        try:
+            engine, checkpoint = create_engine(self.config)
+        except STARTUP_ERRORS as error:
+            self.failure = startup_error_message(error)
+            self.get_logger().error(f"cannot configure: {self.failure}")
+            return TransitionCallbackReturn.FAILURE
+        self.failure = ""
         if checkpoint.is_demo:
             self.get_logger().warning(f"using the bundled demo weights {checkpoint.path.name}: they were trained on "
-                                   "synthetic drives only; train on real data for a vehicle (README.md)")
-        self.engine = SegmentationEngine.from_checkpoint(
-            checkpoint.path, device=self.config.device, branch=self.config.branch, precision=self.config.precision,
-            threads=self.config.cpu_threads or None, alpha=self.config.overlay_alpha)
+                                      "synthetic drives only; for real cameras use dataset:=camvid or the "
+                                      "imported Cityscapes weights (README.md)")
         topics = self.config.image_topics
-        self.health = HealthMonitor(topics, self._now_ns())
-        self._warn = LogThrottle(self.get_logger().warning, self.config.log_throttle_s)
-        self._outputs = [self._create_publishers(topic) for topic in topics]
-        self._publish_label_info(topics)
-        self.processor = FrameProcessor(self.engine, self.config, MessageTypes(Image, SegmentationTiming),
-                                        self._publish, self.health, self._now_ns,
-                                        ModelInfo.of(self.engine, checkpoint.path), self._warn,
-                                        reuse_messages=True)  # rclpy serializes inside publish()
-        self.buffer = LatestFrameBuffer(len(topics))
-        self.worker = SegmentationWorker(self.buffer, self.processor, self._warn)
-        # not self._subscriptions: rclpy's Node keeps its own list (with /clock) under that name
-        self._camera_subscriptions = [self._subscribe(index, topic) for index, topic in enumerate(topics)]
-        self._diagnostics = self._create_diagnostics(topics)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        self.worker.start()
-        self.get_logger().info(
-            f"segmenting {', '.join(subscription_topic(t, self.config.input_transport) for t in topics)} with "
-            f"{checkpoint.path} ({self.engine.class_map.name}, keep {self.config.keep_rate:g}, {self.config.branch}) "
-            f"on {self.engine.device} in {self.engine.precision}")
+        self._publishers = [self._create_publishers(topic) for topic in topics]
+        log = LogThrottle(self.get_logger().warning, self.config.log_throttle_s)
+        self.session = SegmentationSession(engine, self.config, checkpoint.path,
+                                           MessageTypes(Image, SegmentationTiming), self._publish,
+                                           self._has_subscribers, self._now_ns, log)
+        for index, topic in enumerate(topics):
+            self._diagnostics.add(self._camera_task(topic), partial(self._diagnose_camera, index))
+        self.get_logger().info(f"configured: {checkpoint.path} ({engine.class_map.name}, keep "
+                               f"{engine.config.keep_rate:g}, {self.config.branch}) on {engine.device} in "
+                               f"{engine.precision}, network input {engine.input_size or 'the frame size'}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the lifecycle publishers first
+        self._publish_label_info()
+        transport = self.config.input_transport
+        for index, topic in enumerate(self.config.image_topics):
+            self._camera_subscriptions.append(self._subscribe_images(index, topic))
+            self._camera_subscriptions.append(self.create_subscription(
+                CameraInfo, camera_info_topic(topic), partial(self.session.camera_info_arrived, index),
+                CAMERA_INFO_QOS))
+        self.session.start()
+        inputs = [self.resolve_topic_name(subscription_topic(topic, transport)) for topic in self.config.image_topics]
+        self.get_logger().info(f"segmenting {', '.join(inputs)}; outputs under "
+                               f"{', '.join(self.resolve_topic_name(output_topics(t)['labels']).rsplit('/', 1)[0] for t in self.config.image_topics)}")
+        return result
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._stop()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        self._stop()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def close(self) -> None:
+        """Stop the workers and free the model before the node and its context go away."""
+        self._stop()
+        self._release()
+
+    def _stop(self) -> None:
+        for subscription in self._camera_subscriptions:
+            self.destroy_subscription(subscription)
+        self._camera_subscriptions = []
+        if self.session is not None and not self.session.stop(SHUTDOWN_WAIT_S):
+            self.get_logger().warning(f"a worker did not stop within {SHUTDOWN_WAIT_S} s")
+
+    def _release(self) -> None:
+        if self.session is None:
+            return
+        for topic in self.config.image_topics:
+            self._diagnostics.removeByName(self._camera_task(topic))
+        for publishers in self._publishers:
+            for publisher in publishers.values():
+                self.destroy_lifecycle_publisher(publisher)
+        self._publishers = []
+        device = self.session.engine.device
+        self.session = None  # the engine and its GPU memory go with it
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
     # --- parameters -----------------------------------------------------------------------------
     def _declare_parameters(self) -> NodeConfig:
@@ -140,11 +212,13 @@ class SegmentationNode(Node):
                                        f"(restart the node); runtime-settable: {sorted(dynamic_parameters())}")
         try:
             config = with_changes(self.config, changes)
-        except ConfigError as error:
+            if self.session is not None:
+                check_branch(config.branch, self.session.engine.config)
+        except (ConfigError, ValueError) as error:
             return SetParametersResult(successful=False, reason=str(error))
         self.config = config
-        self.processor.config = config  # the worker reads it once per batch
-        self._warn.interval_s = config.log_throttle_s
+        if self.session is not None:
+            self.session.set_config(config)  # the worker reads it once per batch
         self.get_logger().info(f"parameters changed: {changes}")
         return SetParametersResult(successful=True)
 
@@ -154,11 +228,15 @@ class SegmentationNode(Node):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.config.output_qos_depth,
                          reliability=RELIABILITY[self.config.output_qos_reliability],
                          durability=DurabilityPolicy.VOLATILE)
-        publishers = {name: self.create_publisher(Image, names[name], qos) for name in IMAGE_OUTPUTS}
-        publishers["timing"] = self.create_publisher(SegmentationTiming, names["timing"], qos)
+        publishers = {name: self.create_lifecycle_publisher(Image, names[name], qos) for name in IMAGE_OUTPUTS}
+        publishers["camera_info"] = self.create_lifecycle_publisher(CameraInfo, names["camera_info"], qos)
+        publishers["timing"] = self.create_lifecycle_publisher(SegmentationTiming, names["timing"], qos)
+        label_info = _label_info_type()
+        if label_info is not None:
+            publishers["label_info"] = self.create_lifecycle_publisher(label_info, names["label_info"], LATCHED_QOS)
         return publishers
 
-    def _subscribe(self, index: int, topic: str):
+    def _subscribe_images(self, index: int, topic: str):
         compressed = self.config.input_transport == "compressed"
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.config.input_qos_depth,
                          reliability=RELIABILITY[self.config.input_qos_reliability],
@@ -168,76 +246,106 @@ class SegmentationNode(Node):
                                         partial(self._on_image, index, compressed), qos)
 
     def _on_image(self, camera: int, compressed: bool, message) -> None:
-        """Executor thread: keep the newest message only; the worker does everything else."""
-        received_ns = self._now_ns()
-        replaced = self.buffer.put(IncomingFrame(camera, message, compressed, received_ns))
-        self.health.frame_received(camera, received_ns, replaced)
+        """Executor thread: keep the newest message only; the workers do everything else."""
+        session = self.session
+        if session is not None:
+            session.frame_arrived(camera, message, compressed, self._now_ns())
+
+    def _has_subscribers(self, camera: int, output: str) -> bool:
+        """Lazy outputs: checked for every frame, so a subscriber joining gets the next one."""
+        publishers = self._publishers
+        return camera < len(publishers) and publishers[camera][output].get_subscription_count() > 0
 
     def _publish(self, camera: int, output: str, message) -> None:
-        self._outputs[camera][output].publish(message)
+        """Publishing thread. After deactivate the publishers are disabled; after cleanup gone."""
+        publishers = self._publishers
+        if camera < len(publishers) and self.context.ok():
+            publishers[camera][output].publish(message)
 
-    def _publish_label_info(self, topics: list[str]) -> None:
-        """The class map once, latched, beside each camera's outputs (vision_msgs/LabelInfo)."""
-        try:
-            from vision_msgs.msg import LabelInfo, VisionClass
-        except ImportError:
+    def _publish_label_info(self) -> None:
+        """The class map once per activation, latched, beside each camera's outputs (vision_msgs/LabelInfo)."""
+        label_info = _label_info_type()
+        if label_info is None:
             self.get_logger().warning("vision_msgs has no LabelInfo here (it needs vision_msgs >= 4.1); "
-                                   "label_info is not published")
+                                      "label_info is not published")
             return
-        latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        info = LabelInfo()
+        from vision_msgs.msg import VisionClass
+
+        info = label_info()
         info.header.stamp = self.get_clock().now().to_msg()
         info.class_map = [VisionClass(class_id=index, class_name=name)
-                          for index, name in enumerate(self.engine.class_map.names)]
+                          for index, name in enumerate(self.session.engine.class_map.names)]
         info.threshold = 0.0  # labels are argmax decisions: no score threshold applies
-        self._label_info = []
-        for topic in topics:
-            publisher = self.create_publisher(LabelInfo, output_topics(topic)["label_info"], latched)
-            publisher.publish(info)
-            self._label_info.append(publisher)
+        for publishers in self._publishers:
+            publishers["label_info"].publish(info)
 
     # --- diagnostics ----------------------------------------------------------------------------
-    def _create_diagnostics(self, topics: list[str]) -> Updater:
-        updater = Updater(self)  # positional only: older releases take no period
-        updater.setHardwareID(f"icnet_ros on {self.engine.device}")
-        for index, topic in enumerate(topics):
-            updater.add(f"segmentation {topic}", partial(self._diagnose_camera, index))
-        if getattr(updater, "timer", None) is None:  # releases without their own timer publish on demand
-            self._diagnostics_timer = self.create_timer(1.0, updater.force_update)
-        return updater
+    @staticmethod
+    def _camera_task(topic: str) -> str:
+        return f"segmentation {topic}"
+
+    def _diagnose_node(self, status):
+        state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else "unknown"
+        if self.failure:
+            status.summary(DiagnosticStatus.ERROR, f"{state}: configure failed: {self.failure}")
+        elif self.session is None or not self.session.running:
+            status.summary(DiagnosticStatus.WARN, f"{state}: not segmenting (activate the node)")
+        else:
+            status.summary(DiagnosticStatus.OK, f"{state}: segmenting")
+        status.add("lifecycle_state", state)
+        return status
 
     def _diagnose_camera(self, camera: int, status):
-        report = self.health.camera_report(camera, self._now_ns(), Thresholds.from_config(self.config))
+        session = self.session
+        if session is None:
+            status.summary(DiagnosticStatus.WARN, "not configured")
+            return status
+        report = session.health.camera_report(camera, self._now_ns(), Thresholds.from_config(self.config))
         status.summary(DIAGNOSTIC_LEVELS[report.level], report.message)
         for key, value in report.values:
             status.add(key, value)
-        status.add("model", self.processor.model.model)
+        status.add("model", session.publisher.model.model)
         status.add("branch", self.config.branch)
-        status.add("keep_rate", f"{self.config.keep_rate:g}")
-        status.add("device", str(self.engine.device))
-        status.add("precision", self.engine.precision)
+        status.add("keep_rate", f"{session.engine.config.keep_rate:g}")
+        status.add("device", str(session.engine.device))
+        status.add("precision", session.engine.precision)
         return status
 
-    # --- lifetime -------------------------------------------------------------------------------
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
 
-    def close(self) -> None:
-        """Stop the worker before the node's publishers go away."""
-        self.worker.stop(timeout=SHUTDOWN_WAIT_S)
+
+def _label_info_type():
+    try:
+        from vision_msgs.msg import LabelInfo
+    except ImportError:
+        return None
+    return LabelInfo
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
+    """Run the node until SIGINT/SIGTERM; every start-up error is one line on stderr and exit code 1.
+
+    rclpy's own signal handlers would shut the context down under the worker threads; here a signal
+    only ends the spin loop, and the workers stop before the node and the context go away.
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     node = None
     try:
         node = SegmentationNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ConfigError, CheckpointError, TopicError) as error:
-        print(f"icnet_ros segment_node: error: {error}", file=sys.stderr)
+        if node.config.autostart and not node.start():
+            print(f"icnet_ros segment_node: error: {node.failure}", file=sys.stderr)
+            return 1
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_TIMEOUT_S)
+        executor.remove_node(node)
+    except STARTUP_ERRORS as error:
+        print(f"icnet_ros segment_node: error: {startup_error_message(error)}", file=sys.stderr)
         return 1
     finally:
         if node is not None:

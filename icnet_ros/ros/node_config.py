@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from icnet_ros.config import ConfigError, config_from_dict, config_to_dict, read_yaml_mapping
+from icnet_ros.model.preprocess import parse_input_size
 from icnet_ros.paths import config_dir
 
 NODE_NAME = "icnet_segmentation"
@@ -54,9 +55,20 @@ class NodeConfig:
         "auto", "Forward-pass precision; auto is fp16 on CUDA and fp32 on CPU.",
         choices=("auto", "fp32", "fp16", "bf16"))
     cpu_threads: int = _field(0, "PyTorch CPU threads; 0 keeps PyTorch's default.", value_range=(0, 256))
+    input_size: str = _field("checkpoint", "Size frames are resized to before the network (labels come back "
+                             "at the frame's size): 'checkpoint' (the size the model was trained at), 'frame' "
+                             "(each frame's own size) or 'HxW' (0 for one side keeps the aspect ratio).")
+    warmup_height: int = _field(0, "Camera frame height to prepare at configure (kernel tuning, CUDA graphs), "
+                                "so the first frame is as fast as the rest; 0: prepare on the first frame.",
+                                value_range=(0, 16384))
+    warmup_width: int = _field(0, "Camera frame width to prepare at configure; 0: prepare on the first frame.",
+                               value_range=(0, 16384))
+    autostart: bool = _field(True, "Configure and activate at start (a plain node). false: stay unconfigured "
+                             "until a lifecycle manager (or the launch file) says configure and activate.")
     # --- input -------------------------------------------------------------------------------------
-    image_topics: list[str] = _field(["/camera/image_raw"], "Camera image topics. Frames of one size from "
-                                     "several cameras go through one batched engine call.")
+    image_topics: list[str] = _field(["image"], "Camera image topics. Relative names resolve in the node's "
+                                     "namespace and follow remapping (-r image:=/camera/image_raw). Frames of "
+                                     "one size from several cameras go through one batched engine call.")
     input_transport: Literal["raw", "compressed"] = _field(
         "raw", "raw: sensor_msgs/Image on each topic; compressed: sensor_msgs/CompressedImage on "
         "<topic>/compressed.", choices=("raw", "compressed"))
@@ -87,6 +99,10 @@ class NodeConfig:
                                    "WARN; 0 disables the check.", dynamic=True, value_range=(0.0, 60000.0))
     stall_timeout_s: float = _field(2.0, "Seconds without an input frame after which a camera is reported "
                                     "as stalled (ERROR).", dynamic=True, value_range=(0.1, 3600.0))
+    clock_mismatch_s: float = _field(10.0, "An input stamp further than this from the node's clock is no "
+                                     "latency but another clock (a recording replayed without use_sim_time): "
+                                     "diagnostics say so and latency_ms is NaN.", dynamic=True,
+                                     value_range=(0.001, 1e9))
     diagnostics_window_s: float = _field(5.0, "Seconds of history behind the reported rate and latency.",
                                          dynamic=True, value_range=(0.5, 600.0))
     log_throttle_s: float = _field(5.0, "Minimum seconds between repeated warnings of one kind (malformed "
@@ -103,6 +119,13 @@ class NodeConfig:
                 raise ConfigError(f"parameter {spec.name}: {value!r} is outside the allowed range [{low}, {high}]")
         if not DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"parameter device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        try:
+            parse_input_size(self.input_size, None)
+        except ValueError as error:
+            raise ConfigError(f"parameter input_size: {error}") from None
+        if bool(self.warmup_height) != bool(self.warmup_width):
+            raise ConfigError(f"parameters warmup_height and warmup_width: give both or neither (got "
+                              f"{self.warmup_height}x{self.warmup_width})")
         if not any(getattr(self, name) for name in OUTPUT_FLAGS):
             raise ConfigError(f"at least one of {', '.join(OUTPUT_FLAGS)} must be true: the node has nothing "
                               "to publish otherwise")

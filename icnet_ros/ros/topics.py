@@ -3,14 +3,19 @@
 Outputs live beside the camera they describe, so several cameras never collide and a recording of
 the outputs lines up with the input:
 
-    /front/image_raw  ->  /front/segmentation/{labels,color,overlay,timing,label_info}
-    image             ->  segmentation/...   (relative: resolved in the node's namespace)
+    image             ->  segmentation/{labels,color,overlay,camera_info,timing,label_info}
+    front/image_raw   ->  front/segmentation/...
+    /cam/image_raw    ->  /cam/segmentation/...
+
+The node's names are relative (`image` by default), so they resolve in the node's namespace and
+follow remapping like any ROS node's (`__ns:=/robot1`, `-r image:=/camera/image_raw`); the
+camera's CameraInfo is read from `camera_info` beside the image topic, as image_transport does.
 """
 from __future__ import annotations
 
 import posixpath
 
-OUTPUT_NAMES = ("labels", "color", "overlay", "timing", "label_info")
+OUTPUT_NAMES = ("labels", "color", "overlay", "camera_info", "timing", "label_info")
 COMPRESSED_SUFFIX = "/compressed"
 TRANSPORTS = ("raw", "compressed")
 
@@ -40,6 +45,12 @@ def output_topics(input_topic: str | None) -> dict[str, str]:
     return {name: posixpath.join(namespace, name) for name in OUTPUT_NAMES}
 
 
+def camera_info_topic(input_topic: str) -> str:
+    """The CameraInfo topic beside an image topic (image_transport's convention)."""
+    namespace = posixpath.dirname(base_topic(input_topic))
+    return posixpath.join(namespace, "camera_info") if namespace else "camera_info"
+
+
 def subscription_topic(input_topic: str, transport: str) -> str:
     """The topic to subscribe to: the image topic itself, or its `/compressed` image_transport topic."""
     if transport not in TRANSPORTS:
@@ -51,7 +62,8 @@ def subscription_topic(input_topic: str, transport: str) -> str:
 def check_input_topics(topics: list[str]) -> list[str]:
     """The topics, after checking that each camera gets outputs of its own."""
     if not topics:
-        raise TopicError("image_topics is empty; give at least one camera image topic, e.g. ['/camera/image_raw']")
+        raise TopicError("image_topics is empty; give at least one camera image topic, e.g. ['image'] "
+                         "(remapped with -r image:=/camera/image_raw) or ['front/image_raw', 'rear/image_raw']")
     blank = [t for t in topics if not str(t).strip()]
     if blank:
         raise TopicError(f"image_topics holds an empty topic name: {topics}")

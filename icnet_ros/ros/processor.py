@@ -1,0 +1,165 @@
+"""Frames taken from the buffer -> segmentation results for the publisher (no ROS imports).
+
+    camera callback --put--> LatestFrameBuffer --take--> segmentation worker: FrameProcessor
+        convert each message (a malformed one is counted, logged, skipped)
+        ask which outputs anyone subscribes to: nothing else is computed or downloaded
+        batch the frames by size, channel order and outputs: one engine call per batch
+        deliver a SegmentedFrame per camera --> publishing worker (publisher.py)
+
+Nothing here waits for a subscriber: publishing runs on its own thread, so the next frame is
+segmented while the previous one is serialized. An engine failure is counted and reported, and
+the next frame goes on as usual.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from icnet_ros.inference.timing import StageTimings
+from icnet_ros.ros.engine_input import EngineInput, engine_input
+from icnet_ros.ros.frame_buffer import IncomingFrame
+from icnet_ros.ros.health import HealthMonitor
+from icnet_ros.ros.image_conversion import ImageConversionError
+from icnet_ros.ros.node_config import NodeConfig
+
+IMAGE_OUTPUTS = ("labels", "color", "overlay")
+OUTPUT_FLAGS = {"labels": "publish_labels", "color": "publish_color", "overlay": "publish_overlay"}
+
+Demand = Callable[[int, str], bool]  # (camera index, output name) -> does anyone subscribe to it
+Deliver = Callable[["SegmentedFrame"], None]
+Log = Callable[[str, str], None]  # (kind of problem, text): the node throttles per kind
+
+
+def everyone_listens(camera: int, output: str) -> bool:
+    """The demand of tools and tests without ROS: every enabled output is wanted."""
+    return True
+
+
+@dataclass
+class SegmentedFrame:
+    """One camera's frame, segmented (or not: `outputs` empty when nobody subscribed to any image)."""
+
+    camera: int
+    header: Any  # the input message's header, unchanged
+    outputs: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # name -> (pixels, encoding)
+    timings: StageTimings = field(default_factory=StageTimings)
+    convert_ms: float = 0.0
+    taken_s: float = 0.0  # time.perf_counter() when the worker took the frame from the buffer
+    branch: str = ""
+    precision: str = ""
+
+
+@dataclass
+class FrameResult:
+    """What happened to one frame taken from the buffer (for logs and tests)."""
+
+    camera: int
+    outcome: str  # "segmented", "idle" (no subscriber), "malformed" or "failed"
+    detail: str = ""
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass
+class _Converted:
+    frame: IncomingFrame
+    pixels: EngineInput
+    convert_ms: float
+    wanted: tuple[str, ...]
+
+
+class FrameProcessor:
+    """Converts, segments and delivers the frames the worker takes (see the module docstring).
+
+    `config` may be replaced at any time (runtime parameter changes); each batch reads it once, so a
+    batch never mixes two settings. `demand` says, per frame, whether an output has a subscriber.
+    """
+
+    def __init__(self, engine, config: NodeConfig, deliver: Deliver, health: HealthMonitor,
+                 clock_ns: Callable[[], int], log: Log | None = None, demand: Demand = everyone_listens) -> None:
+        self.engine = engine
+        self.config = config
+        self.deliver = deliver
+        self.health = health
+        self.clock_ns = clock_ns
+        self.log = log or (lambda kind, text: None)
+        self.demand = demand
+
+    def wanted_outputs(self, camera: int, config: NodeConfig) -> tuple[str, ...]:
+        """The image outputs of `camera` that are enabled and have a subscriber right now."""
+        return tuple(name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name]) and self.demand(camera, name))
+
+    def process(self, frames: list[IncomingFrame]) -> list[FrameResult]:
+        config = self.config
+        self.engine.branch = config.branch
+        self.engine.alpha = config.overlay_alpha
+        taken = time.perf_counter()
+        results, converted = [], []
+        for frame in frames:
+            start = time.perf_counter()
+            try:
+                pixels = engine_input(frame.message, frame.compressed)
+            except ImageConversionError as error:
+                results.append(self._malformed(frame, error))
+                continue
+            converted.append(_Converted(frame, pixels, _ms_since(start), self.wanted_outputs(frame.camera, config)))
+        for group in _batches(converted):
+            results.extend(self._segment_batch(group, config, taken))
+        return results
+
+    def _malformed(self, frame: IncomingFrame, error: Exception) -> FrameResult:
+        topic = self.health.cameras[frame.camera].topic
+        self.health.frame_malformed(frame.camera, self.clock_ns(), str(error))
+        self.log("malformed", f"malformed image on {topic}: {error}")
+        return FrameResult(frame.camera, "malformed", str(error))
+
+    def _segment_batch(self, group: list[_Converted], config: NodeConfig, taken: float) -> list[FrameResult]:
+        wanted = group[0].wanted
+        if not wanted:  # nobody listens to any image of these cameras: compute nothing
+            return [self._deliver(item, {}, StageTimings(), config, taken, "idle") for item in group]
+        try:
+            segmentations = self.engine.segment([item.pixels.pixels for item in group],
+                                                channel_order=group[0].pixels.channel_order,
+                                                **{name: name in wanted for name in IMAGE_OUTPUTS})
+        except Exception as error:  # a CUDA out-of-memory, say: report it and keep serving later frames
+            cameras = [item.frame.camera for item in group]
+            self.health.frames_failed(cameras, self.clock_ns(), f"{type(error).__name__}: {error}")
+            self.log("engine", f"segmentation failed for {len(cameras)} frame(s): {type(error).__name__}: {error}")
+            return [FrameResult(camera, "failed", str(error)) for camera in cameras]
+        return [self._deliver(item, dict(_outputs(seg, item.pixels)), seg.timings, config, taken, "segmented")
+                for item, seg in zip(group, segmentations)]
+
+    def _deliver(self, item: _Converted, outputs: dict, timings: StageTimings, config: NodeConfig, taken: float,
+                 outcome: str) -> FrameResult:
+        self.deliver(SegmentedFrame(item.frame.camera, item.frame.message.header, outputs, timings,
+                                    item.convert_ms, taken, config.branch, self.engine.precision))
+        return FrameResult(item.frame.camera, outcome, outputs=tuple(outputs))
+
+
+def _outputs(seg, pixels: EngineInput):
+    """(output name, (pixels, encoding)) of every output the engine computed."""
+    if seg.labels is not None:
+        yield "labels", (seg.labels, "mono8" if seg.labels.dtype == np.uint8 else "mono16")
+    if seg.color is not None:
+        yield "color", (seg.color, "rgb8")
+    if seg.overlay is not None:
+        overlay = seg.overlay
+        if pixels.alpha_plane is not None:
+            overlay = np.dstack((overlay, pixels.alpha_plane))
+        yield "overlay", (overlay, pixels.overlay_encoding)
+
+
+def _batches(converted: list[_Converted]) -> list[list[_Converted]]:
+    """Frames grouped by (height, width, channel order, wanted outputs): one engine call each."""
+    groups: dict[tuple, list] = {}
+    for item in converted:
+        key = (*item.pixels.pixels.shape[:2], item.pixels.channel_order, item.wanted)
+        groups.setdefault(key, []).append(item)
+    return list(groups.values())
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3

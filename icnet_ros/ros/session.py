@@ -1,0 +1,127 @@
+"""The segmentation node's working parts between configure and cleanup, without ROS.
+
+    create_engine(config)            configure: the checkpoint the settings select, on its device,
+                                     prepared for the camera size (CUDA graphs, kernel tuning)
+    SegmentationSession              the buffers, the processor, the publisher and their two threads:
+        frame_arrived(...)           image callback: newest frame per camera, nothing else
+        camera_info_arrived(...)     CameraInfo callback: kept to relay with the outputs
+        start() / stop()             activate / deactivate
+        set_config(config)           runtime parameter changes, picked up by the next frame
+
+The node (node.py) only wires ROS topics, parameters and the lifecycle to these.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from icnet_ros.config import ConfigError
+from icnet_ros.inference.engine import SegmentationEngine
+from icnet_ros.model.checkpoint import CheckpointError
+from icnet_ros.model.preprocess import parse_input_size
+from icnet_ros.model.registry import ResolvedCheckpoint, resolve_checkpoint
+from icnet_ros.ros.frame_buffer import IncomingFrame, LatestFrameBuffer
+from icnet_ros.ros.health import HealthMonitor
+from icnet_ros.ros.log_throttle import LogThrottle
+from icnet_ros.ros.node_config import NodeConfig
+from icnet_ros.ros.processor import Demand, FrameProcessor, SegmentedFrame
+from icnet_ros.ros.publisher import (
+    CameraInfoCache,
+    MessageTypes,
+    ModelInfo,
+    OutputPublisher,
+    Publish,
+    stamp_ns,
+)
+from icnet_ros.ros.topics import TopicError
+from icnet_ros.ros.worker import BufferWorker
+
+# What can go wrong at start-up, each with a message that says what to change.
+STARTUP_ERRORS = (ConfigError, CheckpointError, TopicError, ValueError, RuntimeError, OSError)
+
+
+def startup_error_message(error: BaseException) -> str:
+    """One line for a start-up failure: a missing CUDA, a bad device or model, unreadable files."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, RuntimeError) and "cuda" in text.lower():
+        return f"CUDA could not be used ({text}); check the driver and GPU, or set device:=cpu"
+    return text
+
+
+def create_engine(config: NodeConfig) -> tuple[SegmentationEngine, ResolvedCheckpoint]:
+    """The engine for these settings, prepared for warmup_height x warmup_width when given."""
+    checkpoint = resolve_checkpoint(config.model, config.model_dir, config.dataset, config.keep_rate)
+    engine = SegmentationEngine.from_checkpoint(
+        checkpoint.path, device=config.device, branch=config.branch, precision=config.precision,
+        threads=config.cpu_threads or None, alpha=config.overlay_alpha)
+    engine.input_size = parse_input_size(config.input_size, engine.config.input_size)
+    if config.warmup_height and config.warmup_width:
+        engine.warm_up(config.warmup_height, config.warmup_width, labels=config.publish_labels,
+                       color=config.publish_color, overlay=config.publish_overlay)
+    return engine, checkpoint
+
+
+class SegmentationSession:
+    """Frames in, messages out, on two threads (see the module docstring)."""
+
+    def __init__(self, engine: SegmentationEngine, config: NodeConfig, checkpoint: str | Path,
+                 message_types: MessageTypes, publish: Publish, demand: Demand, clock_ns: Callable[[], int],
+                 log: LogThrottle, reuse_messages: bool = True) -> None:
+        topics = list(config.image_topics)
+        self.engine = engine
+        self.log = log
+        self.health = HealthMonitor(topics, clock_ns())
+        self.camera_infos = CameraInfoCache(len(topics))
+        self.processor = FrameProcessor(engine, config, self._deliver, self.health, clock_ns, log, demand)
+        self.publisher = OutputPublisher(message_types, publish, self.health, clock_ns, ModelInfo.of(engine, checkpoint),
+                                         config, reuse_messages, self.camera_infos, demand)
+        self._cameras = len(topics)
+        self._frames = self._results = None
+        self._workers: list[BufferWorker] = []
+
+    # --- callbacks (executor thread) --------------------------------------------------------------
+    def frame_arrived(self, camera: int, message: Any, compressed: bool, now_ns: int) -> None:
+        frames = self._frames
+        if frames is None:  # not active: a late message from before deactivate
+            return
+        replaced = frames.put(IncomingFrame(camera, message, compressed, now_ns))
+        self.health.frame_received(camera, now_ns, replaced, stamp_ns(message.header))
+
+    def camera_info_arrived(self, camera: int, message: Any) -> None:
+        self.camera_infos.put(camera, message)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Activate: fresh buffers (a closed one stays closed) and the two worker threads."""
+        self._frames, self._results = LatestFrameBuffer(self._cameras), LatestFrameBuffer(self._cameras)
+        self._workers = [BufferWorker("segmentation", self._frames, self.processor.process, self.log),
+                         BufferWorker("publishing", self._results, self.publisher.publish_frames, self.log)]
+        for worker in self._workers:
+            worker.start()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Deactivate: stop taking frames, then let the publisher finish; True when both threads ended."""
+        self._frames = None
+        ended = [worker.stop(timeout_s) for worker in self._workers]
+        self._workers = []
+        return all(ended)
+
+    def frames_waiting(self) -> int:
+        """Cameras whose newest frame has not been taken yet (benchmarks keep one waiting)."""
+        return 0 if self._frames is None else self._frames.waiting()
+
+    @property
+    def running(self) -> bool:
+        return any(worker.alive for worker in self._workers)
+
+    def set_config(self, config: NodeConfig) -> None:
+        self.processor.config = config
+        self.publisher.config = config
+        self.log.interval_s = config.log_throttle_s
+
+    def _deliver(self, frame: SegmentedFrame) -> None:
+        """Segmentation thread -> publishing thread; never waits for a subscriber."""
+        results = self._results
+        if results is not None and results.put(frame):
+            self.health.result_dropped(frame.camera)
