@@ -280,3 +280,19 @@ def rviz_config_for(camera_topic: str, namespace: str = "", out_dir: Path | None
     path = out_dir / RVIZ_TEMPLATE
     path.write_text(text)
     return path
+
+
+def arguments_markdown() -> str:
+    """The README's launch-argument table, generated from LAUNCH_ARGUMENTS (test_readme.py keeps them equal)."""
+    rows = ["| argument | default | choices | what it does |", "|---|---|---|---|"]
+    for argument in LAUNCH_ARGUMENTS:
+        default = f"`{argument.default}`" if argument.default else "`\"\"`"
+        choices = ", ".join(argument.choices or ())
+        description = argument.description.replace("<", "&lt;").replace(">", "&gt;")
+        rows.append(f"| `{argument.name}` | {default} | {choices} | {description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(arguments_markdown())
+

@@ -231,3 +231,22 @@ def with_changes(config: NodeConfig, changes: dict[str, Any]) -> NodeConfig:
     merged = config_to_dict(config)
     merged.update(changes)
     return node_config_from_dict(merged, "parameter change")
+
+
+def parameters_markdown() -> str:
+    """The README's parameter table, generated from NodeConfig (test_readme.py keeps them equal)."""
+    rows = ["| parameter | type | default | runtime | allowed | what it does |", "|---|---|---|---|---|---|"]
+    for spec in parameter_specs():
+        default = '`""`' if spec.default == "" else f"`{spec.default}`"
+        rows.append(f"| `{spec.name}` | {spec.kind} | {default} | {'yes' if spec.dynamic else 'no'} | "
+                    f"{spec.constraints} | {_markdown_text(spec.description)} |")
+    return "\n".join(rows)
+
+
+def _markdown_text(text: str) -> str:
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+if __name__ == "__main__":
+    print(parameters_markdown())
+
