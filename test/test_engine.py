@@ -1,7 +1,8 @@
 """The segmentation engine on CPU: exact labels, outputs, settings between frames, bad input.
 
-The GPU path (cuda.py) shares forward_logits / postprocess / Plan with what is tested here; only
-its buffers, streams and graphs need a GPU (see icnet_ros/inference/gpu_check.py).
+The GPU path (cuda.py) shares forward_logits / the postprocess stages / Plan with what is tested
+here, and its graph cache policy is tested on CPU in test_graph_cache.py; its buffers, streams and
+graphs need a GPU (test_engine_gpu.py, icnet_ros/inference/gpu_check.py).
 """
 from __future__ import annotations
 
@@ -200,10 +201,29 @@ def test_outputs_not_asked_for_are_not_computed(engine, monkeypatch):
         engine.segment(frame, labels=False)
 
 
-def test_timings_cover_every_stage(engine):
-    timings = engine.segment(scene(64, 96)).timings
+def test_timings_attribute_time_to_the_stage_that_spent_it(model, monkeypatch):
+    """Slow the forward by 60 ms and the labels stage by 30 ms: each must show up in its own stage."""
+    import time as time_module
+
+    original_forward, original_labels = SegmentationEngine.forward_logits, SegmentationEngine._labels
+
+    def slow_forward(self, frames, plan):
+        time_module.sleep(0.06)
+        return original_forward(self, frames, plan)
+
+    def slow_labels(self, logits, plan):
+        time_module.sleep(0.03)
+        return original_labels(self, logits, plan)
+
+    monkeypatch.setattr(SegmentationEngine, "forward_logits", slow_forward)
+    monkeypatch.setattr(SegmentationEngine, "_labels", slow_labels)
+    slow = SegmentationEngine(model, device="cpu")
+    timings = slow.segment(scene(64, 96)).timings
     assert set(timings.as_dict()) == {"upload_ms", "forward_ms", "postprocess_ms", "download_ms", "total_ms"}
-    assert all(value >= 0 for value in timings.as_dict().values())
+    assert timings.forward_ms >= 60 and timings.postprocess_ms >= 30
+    assert timings.upload_ms < 30 and timings.download_ms < 30  # a 64x96 frame: the sleeps are elsewhere
+    assert timings.total_ms == pytest.approx(timings.upload_ms + timings.forward_ms + timings.postprocess_ms
+                                             + timings.download_ms)
 
 
 # --- settings between frames --------------------------------------------------------------------------
@@ -328,19 +348,66 @@ def test_class_map_palette_is_padded_for_extra_classes():
     assert engine._palette.shape == (13, 3) and camvid.num_classes < 13
 
 
-def test_plans_key_one_graph_per_shape_branch_precision_and_outputs(engine):
-    from icnet_ros.inference import cuda  # the CUDA runner imports without a GPU
-
-    assert cuda.LANES >= 2
+def test_plan_keys_the_forward_by_shape_not_by_outputs(engine):
     frame = scene(64, 96)
     _, _, plan = engine._plan(frame, "rgb", True, False, False)
-    assert plan == engine._plan(scene(64, 96, seed=1), "rgb", True, False, False)[2]
-    variants = {plan}
-    engine.branch = "sub4"
-    variants.add(engine._plan(frame, "rgb", True, False, False)[2])
-    variants.add(engine._plan([frame, frame], "rgb", True, False, False)[2])
-    variants.add(engine._plan(frame, "bgr", True, True, False)[2])
-    engine.precision = "bf16"
-    variants.add(engine._plan(frame, "rgb", True, False, False)[2])
-    engine.branch, engine.precision = "sub124", "fp32"
-    assert len(variants) == 5
+    assert plan == engine._plan(scene(64, 96, seed=1), "rgb", True, False, False)[2]  # content is no key
+    same_forward = [engine._plan(frame, "rgb", *outputs)[2] for outputs in
+                    [(True, True, False), (False, False, True), (True, True, True)]]
+    assert {p.forward_key for p in same_forward} == {plan.forward_key}
+    assert [p.stages for p in same_forward] == [("labels", "color"), ("labels", "color", "overlay"),
+                                                ("labels", "color", "overlay")]
+    variants = {plan.forward_key, engine._plan([frame, frame], "rgb", True, False, False)[2].forward_key,
+                engine._plan(frame, "bgr", True, False, False)[2].forward_key,
+                engine._plan(scene(64, 128), "rgb", True, False, False)[2].forward_key}
+    try:
+        engine.branch = "sub4"
+        variants.add(engine._plan(frame, "rgb", True, False, False)[2].forward_key)
+        engine.branch, engine.precision = "sub124", "bf16"
+        variants.add(engine._plan(frame, "rgb", True, False, False)[2].forward_key)
+        engine.precision, engine.input_size = "fp32", (48, 64)
+        resized = engine._plan(frame, "rgb", True, False, False)[2]
+        variants.add(resized.forward_key)
+    finally:
+        engine.branch, engine.precision, engine.input_size = "sub124", "fp32", None
+    assert resized.network_size == (48, 64) and (resized.height, resized.width) == (64, 96)
+    assert len(variants) == 7
+
+
+# --- submit / collect and prepare --------------------------------------------------------------------
+def test_submitted_calls_can_be_collected_in_any_order(engine):
+    frames = [scene(48, 64, seed=s) for s in range(3)]
+    expected = [engine.segment(frame, color=True).labels for frame in frames]
+    handles = [engine.submit(frame, color=True) for frame in frames]
+    results = [engine.collect(handle) for handle in reversed(handles)][::-1]
+    for seg, labels in zip(results, expected):
+        assert isinstance(seg, Segmentation) and np.array_equal(seg.labels, labels)
+        assert np.array_equal(seg.color, colorize(labels, engine.class_map.palette()))
+    with pytest.raises(ValueError, match="already collected"):
+        engine.collect(handles[0])
+    batch = engine.collect(engine.submit([frames[0], frames[1]], channel_order="bgr", labels=False, overlay=True))
+    assert [seg.labels for seg in batch] == [None, None] and batch[1].overlay.shape == (48, 64, 3)
+
+
+def test_prepare_hands_the_runner_the_plan_of_the_outputs_named(engine, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(engine._runner, "prepare", prepared.append)
+    engine.prepare(48, 64, batch=2, channel_order="bgr", outputs=("labels", "overlay"))
+    (plan,) = prepared
+    assert (plan.batch, plan.height, plan.width, plan.channel_order) == (2, 48, 64, "bgr")
+    assert plan.outputs == ("labels", "overlay") and plan.stages == ("labels", "color", "overlay")
+    for bad in ((), ("labels", "depth")):
+        with pytest.raises(ValueError, match="outputs must name"):
+            engine.prepare(48, 64, outputs=bad)
+
+
+def test_the_runners_do_not_import_the_engine():
+    """cuda.py, graphs.py, plan.py and tensorrt.py get callables and Plans: no import cycle with engine.py."""
+    import ast
+
+    folder = Path(engine_module.__file__).parent
+    for name in ("cuda.py", "graphs.py", "plan.py", "tensorrt.py"):
+        tree = ast.parse((folder / name).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "icnet_ros.inference.engine" not in imported, name

@@ -1,21 +1,35 @@
-"""icnet-benchmark: engine latency per stage against a naive baseline, measured side by side.
+"""icnet-benchmark: naive eager, the torch engine and TensorRT side by side, latency and throughput apart.
 
-Sweeps keep rate x branch x resolution x device x batch x precision. Every configuration warms up,
-then alternates engine calls and naive calls on the same varied frames (real frames from --images,
-resized, or synthetic drives; never blank input), so load on the machine hits both alike.
+Sweeps device x resolution x keep rate x branch x batch x precision x output set. For every
+configuration each backend is prepared first (CUDA graphs captured, TensorRT engine built or loaded
+from its cache), then:
 
-- engine: SegmentationEngine (BN folded, channels-last, exact upsampling shortcut on CPU; pinned
-  uint8 upload, fp16 and CUDA graphs on GPU), labels downloaded to the host.
+- latency: one call at a time, nothing else in flight, the backends taking turns call by call on
+  the same varied frames (real frames from --images, resized, or synthetic drives; never blank
+  input), so load on the machine hits them alike: end-to-end wall time (uint8 host frames -> outputs
+  on the host) and the time of each stage, forward included;
+- throughput: a stream of calls with one in flight (SegmentationEngine.segment_stream: on CUDA
+  the next frame uploads and the last one downloads while this one computes), frames per second;
+- peak memory: on CUDA, what the backend needs for the configuration (its weights, graphs,
+  activations and buffers, TensorRT's own memory included; other backends' weights excluded),
+  measured over its throughput run with every other backend's graphs released; on CPU, the
+  highest sampled process RSS.
+
+Backends:
 - naive: the plain eager model in fp32 with BatchNorm unfolded and NCHW memory, normalization on the
-  host, full-resolution logits copied back to the host, numpy argmax there.
+  host, full-resolution logits copied to the host, numpy argmax (and numpy colors / overlay) there;
+- torch: SegmentationEngine (BN folded, channels-last, exact upsampling shortcut on CPU; pinned
+  uint8 upload, fp16, CUDA graphs and pipelining on GPU);
+- tensorrt: the same engine with backend="tensorrt" (CUDA and `pip install icnet-ros[tensorrt]`;
+  skipped with a note elsewhere).
 
 Weights are random unless --checkpoint is given: speed does not depend on weight values. Random
 weights get their BatchNorm statistics calibrated on the benchmark frames so that activations stay
 in a trained network's range (fp16 would overflow otherwise).
 
     icnet-benchmark --quick
-    icnet-benchmark --device cpu cuda --batch 1 4 8 --images ../shared/data/cityscapes_val9 \\
-        --images-glob '*_src.png' --json results.json
+    icnet-benchmark --device cuda --resolutions 1024x2048 --keep-rates 0.5 0.25 --branches sub124 sub4 \\
+        --batch 1 4 --output-sets labels all --backends naive torch tensorrt --json results.json
 """
 from __future__ import annotations
 
@@ -24,7 +38,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,17 +50,21 @@ import torch
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import load_class_map
 from icnet_ros.inference.engine import PRECISIONS, SegmentationEngine, resolve_precision
-from icnet_ros.inference.timing import STAGES, percentile
+from icnet_ros.inference.plan import OUTPUTS
+from icnet_ros.inference.timing import STAGES, HostClock, StageTimings, percentile
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig, upsample
 from icnet_ros.model.preprocess import image_to_input, network_size, prepare_input
+from icnet_ros.visualization import colorize, overlay
 
 DEFAULT_RESOLUTIONS = ("1024x2048", "720x960", "640x640")
 QUICK = {"keep_rates": [0.5, 0.25], "branches": ["sub124", "sub4"], "resolutions": ["1024x2048", "512x1024"],
          "iterations": 5, "warmup": 1}
 FRAME_POOL = 4  # distinct frames cycled through, so caches never see the same input twice in a row
-REQUIRED_KEYS = ("device", "keep_rate", "branch", "height", "width", "batch", "precision", "p50_ms", "p95_ms",
-                 "fps", "peak_mem_mb", "naive_p50_ms", "speedup")
+BACKENDS = ("naive", "torch", "tensorrt")
+REQUIRED_KEYS = ("device", "backend", "keep_rate", "branch", "height", "width", "batch", "precision", "outputs",
+                 "latency_p50_ms", "latency_p95_ms", "latency_fps", "forward_p50_ms", "throughput_fps",
+                 "peak_mem_mb", "speedup", "iterations")
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,17 @@ class Config:
     width: int
     batch: int
     precision: str
+    outputs: tuple[str, ...] = ("labels",)
+
+
+def parse_output_set(text: str) -> tuple[str, ...]:
+    """"labels", "labels+color", "all" -> the outputs in canonical order."""
+    names = OUTPUTS if text.strip().lower() == "all" else tuple(p.strip().lower() for p in text.split("+"))
+    unknown = [name for name in names if name not in OUTPUTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"an output set is 'all' or names of {list(OUTPUTS)} joined by '+', "
+                                         f"like labels+color; got {text!r}")
+    return tuple(name for name in OUTPUTS if name in names)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -121,39 +150,117 @@ def build_model(keep_rate: float, checkpoint: Path | None, frames: list[np.ndarr
     return calibrate_batchnorm(ICNet(ModelConfig(keep_rate=keep_rate, num_classes=19)), frames)
 
 
+
+# --- the backends ---------------------------------------------------------------------------------
 class NaiveRunner:
-    """The baseline: host normalization, eager fp32 NCHW unfolded model, host argmax of full logits."""
+    """The baseline: host normalization, eager fp32 NCHW unfolded model, full logits to the host, numpy there."""
 
     def __init__(self, model: ICNet, device: torch.device, branch: str = "sub124") -> None:
         self.model, self.device, self.branch = model.to(device).eval(), device, branch
+        self.palette = load_class_map(model.config.class_map).palette()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, outputs: tuple[str, ...] = ("labels",)
+                 ) -> tuple[dict[str, np.ndarray], StageTimings]:
+        clock = HostClock()
         size = network_size(batch.shape[1:3], self.model.config.input_size)
         with torch.no_grad():
-            x = prepare_input(torch.from_numpy(batch), self.model.config, size=size).contiguous()
-            logits = self.model(x.to(self.device), self.branch)
+            x = prepare_input(torch.from_numpy(batch), self.model.config, size=size).contiguous().to(self.device)
+            self._sync()
+            clock.mark("upload")
+            logits = self.model(x, self.branch)
             if tuple(logits.shape[-2:]) != tuple(batch.shape[1:3]):
                 logits = upsample(logits, batch.shape[1:3])
-        return logits.cpu().numpy().argmax(axis=1)
+            self._sync()
+            clock.mark("forward")
+            host = logits.cpu().numpy()
+            clock.mark("download")
+        labels = host.argmax(axis=1).astype(np.uint8)
+        results = {"labels": labels}
+        if "color" in outputs or "overlay" in outputs:
+            results["color"] = colorize(labels, self.palette)
+            if "overlay" in outputs:
+                results["overlay"] = overlay(batch, results["color"], 0.5)
+        clock.mark("postprocess")
+        return {name: results[name] for name in outputs}, clock.timings()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class Contender:
+    """One backend in the side-by-side: prepare, one timed call, a stream of calls, its memory."""
+
+    def __init__(self, name: str, device: torch.device, naive: NaiveRunner | None = None,
+                 engine: SegmentationEngine | None = None) -> None:
+        self.name, self.device, self.naive, self.engine = name, device, naive, engine
+        self.config: Config | None = None
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.naive is not None else self.engine.precision
+
+    def prepare(self, config: Config) -> None:
+        self.config = config
+        if self.naive is not None:
+            self.naive.branch = config.branch
+            return
+        self.engine.branch, self.engine.precision = config.branch, config.precision
+        self.engine.prepare(config.height, config.width, config.batch, outputs=config.outputs)
+
+    def call(self, batch: np.ndarray) -> StageTimings:
+        if self.naive is not None:
+            return self.naive(batch, self.config.outputs)[1]
+        return self.engine.segment(batch, **self._wanted())[0].timings
+
+    def stream(self, batches: Iterator[np.ndarray], count: int) -> None:
+        """`count` calls, with one in flight for the engines."""
+        if self.naive is not None:
+            for _ in range(count):
+                self.naive(next(batches), self.config.outputs)
+            return
+        calls = (next(batches) for _ in range(count))
+        for _ in self.engine.segment_stream(calls, **self._wanted()):
+            pass
+
+    def release(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def held_bytes(self) -> int:
+        """Device memory the backend holds outside the measured peak: its weights, TensorRT's memory."""
+        if self.naive is not None:
+            return sum(p.numel() * p.element_size() for p in self.naive.model.parameters())
+        plan = self.engine._plan(np.zeros((1, self.config.height, self.config.width, 3), np.uint8), "rgb",
+                                 True, False, False)[2]
+        return self.engine.weight_bytes() + self.engine.backend_memory_bytes(plan)
+
+    def _wanted(self) -> dict[str, bool]:
+        return {name: name in self.config.outputs for name in OUTPUTS}
 
 
 # --- measurement ----------------------------------------------------------------------------------
 class MemoryProbe:
-    """Peak memory of one configuration: CUDA allocator peak, or the highest sampled process RSS on CPU."""
+    """Peak memory of one run: CUDA allocator peak above a baseline, or the highest sampled RSS on CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
+        self.baseline = 0
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.baseline = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
 
     def sample(self) -> None:
         if self.device.type == "cpu":
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
 
-    def peak_mb(self) -> float:
+    def peak_mb(self, held_bytes: int = 0) -> float:
+        """CUDA: the allocator's peak above the baseline plus `held_bytes`; CPU: the sampled RSS peak."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            return (torch.cuda.max_memory_allocated(self.device) - self.baseline + held_bytes) / 2**20
+        self.sample()
         return self.peak_bytes / 2**20
 
 
@@ -177,42 +284,71 @@ def timed(function: Callable, device: torch.device, *args, **kwargs) -> tuple[fl
     return (time.perf_counter() - start) * 1e3, result
 
 
-def measure(config: Config, engine: SegmentationEngine, naive: NaiveRunner, frames: list[np.ndarray],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Warm up, then alternate engine and naive calls; one JSON-ready record."""
-    device = engine.device
+def cycle(batches: list[np.ndarray]) -> Iterator[np.ndarray]:
+    while True:
+        yield from batches
+
+
+def measure(config: Config, contenders: list[Contender], frames: list[np.ndarray],
+            args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Prepare every backend, time latency (taking turns) then throughput (one after another); one record each."""
+    device = contenders[0].device
     batches = [np.stack([frames[(i + j) % len(frames)] for j in range(config.batch)]) for i in range(len(frames))]
-    engine.branch, engine.precision = config.branch, config.precision
-    naive.branch = config.branch
-    outputs = {name: name in args.outputs for name in ("labels", "color", "overlay")}
+    for contender in contenders:
+        contender.prepare(config)
     for i in range(args.warmup):
-        engine.segment(batches[i % len(batches)], **outputs)
-        naive(batches[i % len(batches)])
-    memory = MemoryProbe(device)
-    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    ends, naive_ms = [], []
+        for contender in contenders:
+            contender.call(batches[i % len(batches)])
+    latency: dict[str, list[float]] = {c.name: [] for c in contenders}
+    stages: dict[str, dict[str, list[float]]] = {c.name: {s: [] for s in STAGES} for c in contenders}
+    naive_iterations = args.naive_iterations or args.iterations
     for i in range(args.iterations):
-        batch = batches[i % len(batches)]
-        elapsed, results = timed(engine.segment, device, batch, **outputs)
-        ends.append(elapsed)
-        memory.sample()
-        for stage in STAGES:
-            stages[stage].append(getattr(results[0].timings, f"{stage}_ms"))
-        naive_ms.append(timed(naive, device, batch)[0])
-    return make_record(config, stages, ends, naive_ms, memory.peak_mb())
+        for contender in contenders:
+            if contender.naive is not None and i >= naive_iterations:
+                continue
+            elapsed, timings = timed(contender.call, device, batches[i % len(batches)])
+            latency[contender.name].append(elapsed)
+            for stage in STAGES:
+                stages[contender.name][stage].append(getattr(timings, f"{stage}_ms"))
+    records = []
+    for contender in contenders:
+        throughput, peak = throughput_and_peak(contender, contenders, batches, config, args)
+        records.append(make_record(config, contender, latency[contender.name], stages[contender.name],
+                                   throughput, peak))
+    naive = next((r for r in records if r["backend"] == "naive"), None)
+    for record in records:
+        record["speedup"] = naive["latency_p50_ms"] / record["latency_p50_ms"] if naive else None
+    return records
 
 
-def make_record(config: Config, stages: dict[str, list[float]], ends: list[float], naive_ms: list[float],
-                peak_mb: float) -> dict[str, Any]:
-    p50, naive_p50 = percentile(ends, 50), percentile(naive_ms, 50)
-    record: dict[str, Any] = {**config.__dict__, "p50_ms": p50, "p95_ms": percentile(ends, 95),
-                              "fps": config.batch * 1e3 / p50 if p50 > 0 else float("inf"),
-                              "peak_mem_mb": peak_mb, "naive_p50_ms": naive_p50,
-                              "naive_p95_ms": percentile(naive_ms, 95), "speedup": naive_p50 / p50 if p50 else None}
+def throughput_and_peak(contender: Contender, contenders: list[Contender], batches: list[np.ndarray],
+                        config: Config, args: argparse.Namespace) -> tuple[float, float]:
+    """(frames per second over a stream of calls, peak MB). On CUDA every backend's graphs are released
+    first and this one is prepared anew, so the peak is this backend's alone."""
+    device = contender.device
+    count = args.iterations if contender.naive is None else (args.naive_iterations or args.iterations)
+    if device.type == "cuda":
+        for other in contenders:
+            other.release()
+        torch.cuda.empty_cache()
+    memory = MemoryProbe(device)
+    if device.type == "cuda":
+        contender.prepare(config)
+    elapsed, _ = timed(contender.stream, device, cycle(batches), count)
+    return count * config.batch * 1e3 / elapsed, memory.peak_mb(contender.held_bytes())
+
+
+def make_record(config: Config, contender: Contender, latency: list[float], stages: dict[str, list[float]],
+                throughput_fps: float, peak_mb: float) -> dict[str, Any]:
+    p50 = percentile(latency, 50)
+    record: dict[str, Any] = {**config.__dict__, "outputs": "+".join(config.outputs), "backend": contender.name,
+                              "precision": contender.precision, "latency_p50_ms": p50,
+                              "latency_p95_ms": percentile(latency, 95),
+                              "latency_fps": config.batch * 1e3 / p50 if p50 > 0 else float("inf"),
+                              "throughput_fps": throughput_fps, "peak_mem_mb": peak_mb, "iterations": len(latency)}
     for stage, values in stages.items():
         record[f"{stage}_p50_ms"] = percentile(values, 50)
         record[f"{stage}_p95_ms"] = percentile(values, 95)
-    record["iterations"] = len(ends)
     return record
 
 
@@ -228,37 +364,67 @@ def devices(requested: list[str]) -> list[torch.device]:
     return found
 
 
+def backends_for(device: torch.device, requested: list[str]) -> list[str]:
+    """The requested backends that can run on `device`; TensorRT is skipped with a note where it cannot."""
+    chosen = []
+    for name in requested:
+        if name == "tensorrt":
+            from icnet_ros.inference import tensorrt
+
+            if device.type != "cuda":
+                print(f"note: tensorrt runs on CUDA only; skipped on {device}", file=sys.stderr)
+                continue
+            if not tensorrt.available():
+                print(f"note: tensorrt skipped: not installed ({tensorrt.INSTALL_HINT})", file=sys.stderr)
+                continue
+        chosen.append(name)
+    return chosen
+
+
 def precisions_for(device: torch.device, requested: list[str]) -> list[str]:
     chosen = [resolve_precision(p, device) for p in requested]
     return list(dict.fromkeys(chosen))
+
+
+def contenders_for(model: ICNet, device: torch.device, backends: list[str], threads: int | None) -> list[Contender]:
+    contenders = []
+    for name in backends:
+        if name == "naive":
+            contenders.append(Contender(name, device, naive=NaiveRunner(model, device)))
+        else:
+            engine = SegmentationEngine(model, device=str(device), threads=threads, backend=name)
+            contenders.append(Contender(name, device, engine=engine))
+    return contenders
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     keep_rates = [None] if args.checkpoint else args.keep_rates
     for device in devices(args.device):
+        backends = backends_for(device, args.backends)
         for height, width in args.resolutions:
             frames = frame_pool(args, height, width, max(FRAME_POOL, max(args.batch)))
             for keep_rate in keep_rates:
                 model = build_model(keep_rate, args.checkpoint, frames)
-                engine = SegmentationEngine(model, device=str(device), threads=args.threads)
-                naive = NaiveRunner(model, device)
+                contenders = contenders_for(model, device, backends, args.threads)
                 for config in configs(device, model.config.keep_rate, height, width, args):
-                    record = measure(config, engine, naive, frames, args)
-                    records.append(record)
-                    print(format_row(record), flush=True)
+                    for record in measure(config, contenders, frames, args):
+                        records.append(record)
+                        print(format_row(record), flush=True)
+                for contender in contenders:
+                    contender.release()
     return records
 
 
 def configs(device: torch.device, keep_rate: float, height: int, width: int, args) -> list[Config]:
-    return [Config(str(device), keep_rate, branch, height, width, batch, precision)
+    return [Config(str(device), keep_rate, branch, height, width, batch, precision, outputs)
             for branch in args.branches for batch in args.batch
-            for precision in precisions_for(device, args.precision)]
+            for precision in precisions_for(device, args.precision) for outputs in args.output_sets]
 
 
 # --- output ---------------------------------------------------------------------------------------
-COLUMNS = ("device", "keep", "branch", "HxW", "batch", "prec", "upload", "forward", "post", "download",
-           "e2e p50", "e2e p95", "fps", "peak MB", "naive p50", "speedup")
+COLUMNS = ("device", "keep", "branch", "HxW", "batch", "outputs", "backend", "prec", "upload", "forward", "post",
+           "download", "latency p50 / p95", "latency fps", "throughput fps", "peak MB", "speedup")
 
 
 def table_header() -> str:
@@ -267,40 +433,52 @@ def table_header() -> str:
 
 def format_row(r: dict[str, Any]) -> str:
     stage = " | ".join(f"{r[f'{s}_p50_ms']:.1f} / {r[f'{s}_p95_ms']:.1f}" for s in STAGES)
+    speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
     return (f"| {r['device']} | {r['keep_rate']:g} | {r['branch']} | {r['height']}x{r['width']} | {r['batch']} | "
-            f"{r['precision']} | {stage} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['fps']:.2f} | "
-            f"{r['peak_mem_mb']:.0f} | {r['naive_p50_ms']:.1f} | {r['speedup']:.2f}x |")
+            f"{r['outputs']} | {r['backend']} | {r['precision']} | {stage} | {r['latency_p50_ms']:.2f} / "
+            f"{r['latency_p95_ms']:.2f} | {r['latency_fps']:.1f} | {r['throughput_fps']:.1f} | "
+            f"{r['peak_mem_mb']:.0f} | {speedup} |")
 
 
 def describe(args: argparse.Namespace) -> str:
     weights = (f"checkpoint {args.checkpoint}" if args.checkpoint else
                "random weights (BatchNorm calibrated on the frames); speed does not depend on weight values")
     source = f"real frames from {args.images} ({args.images_glob}), resized" if args.images else "synthetic drives"
-    return (f"ICNet engine benchmark: {weights}; input: {source}; torch {torch.__version__}, "
+    return (f"ICNet benchmark: {weights}; input: {source}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} CPU thread(s), load average {os.getloadavg()[0]:.2f}; "
-            f"{args.warmup} warm-up and {args.iterations} timed calls per configuration. Stage columns: p50 / p95 ms; "
-            "peak MB: CUDA allocator peak on GPU, highest sampled process RSS on CPU.")
+            f"{args.warmup} warm-up and {args.iterations} timed calls per configuration and backend "
+            f"({args.naive_iterations or args.iterations} for naive), then as many in a pipelined stream. Stage "
+            "columns: p50 / p95 ms (device time on CUDA); latency: one call at a time, uint8 host frames to "
+            "outputs on the host; throughput: frames/s with one call in flight; peak MB: on CUDA what the backend "
+            "needs (weights, graphs, activations, TensorRT's memory), on CPU the highest process RSS.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icnet-benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="side by side in one run (tensorrt is skipped with a note where it cannot run)")
     parser.add_argument("--keep-rates", nargs="+", type=float, default=[1.0, 0.5, 0.25])
     parser.add_argument("--branches", nargs="+", choices=BRANCHES, default=list(BRANCHES))
     parser.add_argument("--resolutions", nargs="+", type=parse_resolution,
                         default=[parse_resolution(r) for r in DEFAULT_RESOLUTIONS])
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--precision", nargs="+", choices=["auto", *PRECISIONS], default=["auto"],
-                        help="auto: fp32 on CPU, fp16 on CUDA")
-    parser.add_argument("--outputs", nargs="+", choices=("labels", "color", "overlay"), default=["labels"])
+                        help="auto: fp32 on CPU, fp16 on CUDA (naive is always fp32)")
+    parser.add_argument("--outputs", nargs="+", choices=OUTPUTS, default=None,
+                        help="one output set, as names (kept for older command lines; see --output-sets)")
+    parser.add_argument("--output-sets", nargs="+", type=parse_output_set, default=None,
+                        help="output sets to sweep, each 'all' or names joined by '+' (default: labels)")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--naive-iterations", type=int, default=None,
+                        help="timed calls of the naive baseline (default: --iterations); it is slow at 2 MP")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--images", type=Path, help="folder of real frames (resized to each resolution)")
     parser.add_argument("--images-glob", default="*.png", help="which files of --images are frames")
     parser.add_argument("--checkpoint", type=Path, help="weights to use (the keep-rate sweep then follows it)")
-    parser.add_argument("--json", type=Path, help="write one record per configuration here")
+    parser.add_argument("--json", type=Path, help="write one record per configuration and backend here")
     parser.add_argument("--quick", action="store_true",
                         help="reduced sweep (~1 minute on 2 CPU cores); explicit options still win")
     return parser
@@ -315,8 +493,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if key not in explicit:
                 setattr(args, key, [parse_resolution(r) for r in value] if key == "resolutions" else value)
-    if args.iterations < 1 or args.warmup < 0 or min(args.batch) < 1:
-        parser.error("--iterations and --batch must be >= 1 and --warmup >= 0")
+    if args.output_sets is None:
+        args.output_sets = [parse_output_set("+".join(args.outputs or ["labels"]))]
+    args.output_sets = list(dict.fromkeys(args.output_sets))
+    if args.iterations < 1 or args.warmup < 0 or min(args.batch) < 1 or (args.naive_iterations or 1) < 1:
+        parser.error("--iterations, --naive-iterations and --batch must be >= 1 and --warmup >= 0")
     return args
 
 

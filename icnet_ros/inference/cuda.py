@@ -1,201 +1,269 @@
-"""The CUDA-only pieces of the engine: pinned buffers, streams, events and CUDA graphs.
+"""The CUDA runner of the engine: pinned uploads, three streams, double buffers and CUDA graphs.
 
-Everything here is plumbing around two calls that are shared with the CPU path and tested there:
-SegmentationEngine.forward_logits and SegmentationEngine.postprocess. Per Plan (batch, size, branch,
-precision, channel order, outputs, upsample method) the runner keeps a `_Frame`: static device
-tensors, a captured graph for the network (and one for the postprocess when it has static shapes,
-i.e. the dense upsample), and two lanes of pinned host buffers so that one call can be in flight
-while the next is prepared (SegmentationEngine.segment_stream).
+It knows nothing of the engine: it gets the computation as plan.Stages (callables shared with the
+CPU path and tested there) and a Plan per call. Which graphs exist, when they are captured and what
+happens when a capture fails is graphs.GraphCache (also tested on the CPU); this module is the
+CUDA plumbing under it.
 
-Three streams: uploads, compute and downloads. Upload k+1 overlaps compute k; download k overlaps
-compute k+1. Events order them and time the stages on the device clock.
+Everything runs on the engine's device: every call enters torch.cuda.device(device), the streams
+are created on it, and graphs are captured on a capture stream of that device (torch.cuda.graph's
+own default stream belongs to whichever device was current when it was first used, which is how a
+cuda:1 engine captured nothing and replayed stale labels).
 
-Written against the documented APIs (torch.cuda.Stream / Event / CUDAGraph / graph, pinned memory,
-non_blocking copies); it cannot run on a machine without CUDA.
+One call, three streams, ordered by events (never by the host):
+
+    upload stream    pinned host -> lane.device_in                        (frame k+1)
+    compute stream   device_in -> static input, forward, postprocess,     (frame k)
+                     outputs copied into lane.device_out
+    download stream  lane.device_out -> fresh pinned host buffers         (frame k-1)
+
+Each shape keeps two lanes of device buffers (input and outputs), so the upload of the next call and
+the download of the previous one overlap the compute of this one; the static graph outputs are
+copied into the lane (a few microseconds of device bandwidth) so the next replay may overwrite them
+while they download. Host buffers come from PyTorch's pinned caching allocator per call, which
+reuses a block only once the copies that used it have finished; the arrays handed back are views of
+them (no host copy).
+
+Written against the documented APIs (torch.cuda.Stream / Event / CUDAGraph / graph / device,
+pinned memory, non_blocking copies); it cannot run on a machine without CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from icnet_ros.inference.graphs import DEFAULT_CAPACITY, GraphCache
+from icnet_ros.inference.plan import Plan, Stages, postprocess, run_stage
 from icnet_ros.inference.timing import StageTimings
 
-if TYPE_CHECKING:
-    from icnet_ros.inference.engine import Plan, SegmentationEngine
+WARMUP_RUNS = 3  # eager runs on the capture stream before a capture: cuDNN autotuning, lazy allocations
+LANES = 2  # device buffer sets per shape: one call computing while the next uploads and the last downloads
+EVENTS = ("upload_start", "uploaded", "compute_start", "forwarded", "processed", "download_start", "downloaded")
 
-WARMUP_RUNS = 3  # eager runs on a side stream before capture: cuDNN autotuning and lazy allocations
-LANES = 2  # pinned buffer sets per plan: one call in flight while the next one is filled
+
+def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A page-locked host tensor from PyTorch's pinned caching allocator (which reuses a block only after
+    the copies recorded on it have finished)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 @dataclass
 class _Lane:
-    """Host and device buffers of one call in flight."""
+    """Device buffers of one call in flight, and the events that say when they are free again."""
 
-    pinned_in: torch.Tensor
     device_in: torch.Tensor
-    pinned_out: dict[str, torch.Tensor] = field(default_factory=dict)
-    done: Any = None  # event: this lane's download finished
+    device_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    consumed: Any = None  # event: the compute that read device_in (and wrote device_out) finished
+    downloaded: Any = None  # event: the download that read device_out finished
 
 
 @dataclass
-class _Frame:
-    """Static tensors and captured graphs for one Plan."""
+class _Shape:
+    """Static tensors, graphs and lanes of one forward key (a GraphCache entry's state)."""
 
     static_in: torch.Tensor
     alpha: torch.Tensor
     lanes: list[_Lane]
+    pool: Any = None
     forward_graph: Any = None
-    post_graph: Any = None
     logits: torch.Tensor | None = None
-    outputs: dict[str, torch.Tensor] | None = None
-    outputs_free: Any = None  # event: the last download from the static outputs finished
+    stage_graphs: dict[tuple[str, str], tuple[Any, torch.Tensor]] = field(default_factory=dict)
+    keepalive: Any = None  # e.g. the TensorRT context whose memory the forward graph reads
     next_lane: int = 0
 
 
 @dataclass
-class _Pending:
-    frame: _Frame
-    lane: _Lane
-    plan: Any
+class _Work:
+    """One submitted call: its host output buffers (filled by the download) and its events."""
+
+    host: dict[str, torch.Tensor]
     events: dict[str, Any]
     host_upload_ms: float
 
 
 class CudaRunner:
-    """Submit / collect engine calls on one CUDA device."""
+    """Submit / collect engine calls on one CUDA device. Not thread-safe: one caller thread."""
 
-    def __init__(self, engine: SegmentationEngine, use_graphs: bool = True) -> None:
-        self.engine = engine
-        self.device = engine.device
-        self.use_graphs = use_graphs
+    def __init__(self, device: torch.device, stages: Stages, *, use_graphs: bool = True,
+                 cache_size: int = DEFAULT_CAPACITY) -> None:
+        """device: a CUDA device with its index (engine.resolve_device gives one)."""
+        self.device = device
+        self.stages = stages
         torch.backends.cudnn.benchmark = True  # fixed shapes per plan: let cuDNN pick its fastest kernels
-        self.upload_stream = torch.cuda.Stream(self.device)
-        self.compute_stream = torch.cuda.Stream(self.device)
-        self.download_stream = torch.cuda.Stream(self.device)
-        self._frames: dict[Plan, _Frame] = {}
+        with torch.cuda.device(self.device):
+            self.upload_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.Stream(self.device)
+            self.download_stream = torch.cuda.Stream(self.device)
+            self.capture_stream = torch.cuda.Stream(self.device)
+        self.cache = GraphCache(self, capacity=cache_size, use_graphs=use_graphs)
 
-    # --- per plan state -------------------------------------------------------------------------
-    def _frame(self, plan: Plan) -> _Frame:
-        frame = self._frames.get(plan)
-        if frame is None:
-            frame = self._new_frame(plan)
-            if self.use_graphs:
-                self._capture(frame, plan)
-            self._frames[plan] = frame
-        return frame
-
-    def _new_frame(self, plan: Plan) -> _Frame:
+    # --- the GraphCache's Capturer ----------------------------------------------------------------
+    def allocate(self, plan: Plan) -> _Shape:
         shape = (plan.batch, plan.height, plan.width, 3)
+        current = torch.cuda.current_stream(self.device)
         static_in = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device)  # warm-up content
-        lanes = [_Lane(torch.empty(shape, dtype=torch.uint8, pin_memory=True),
-                       torch.empty(shape, dtype=torch.uint8, device=self.device)) for _ in range(LANES)]
-        frame = _Frame(static_in, torch.zeros((), dtype=torch.int32, device=self.device), lanes)
-        # The buffers were filled on the default stream; the worker streams must not race with that.
-        torch.cuda.synchronize(self.device)
-        return frame
+        lanes = [_Lane(torch.empty(shape, dtype=torch.uint8, device=self.device)) for _ in range(LANES)]
+        state = _Shape(static_in, torch.zeros((), dtype=torch.int32, device=self.device), lanes)
+        if self.stages.keepalive is not None:
+            state.keepalive = self.stages.keepalive(plan)
+        for stream in (self.upload_stream, self.compute_stream, self.capture_stream):
+            stream.wait_stream(current)  # the buffers were filled on the current stream: order, don't block
+        return state
 
-    def _capture(self, frame: _Frame, plan: Plan) -> None:
-        """Warm up on a side stream, then capture the network (and a static postprocess) as graphs."""
-        capture_post = plan.upsample == "dense"  # the sparse shortcut has data-dependent shapes
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():
+    def capture_forward(self, state: _Shape, plan: Plan) -> None:
+        def forward():
+            return self.stages.forward(state.static_in, plan)
+
+        self._warm_up(forward)
+        state.pool = torch.cuda.graph_pool_handle()
+        state.forward_graph, state.logits = self._capture(forward, state.pool)
+
+    def capture_stage(self, state: _Shape, plan: Plan, stage: str) -> None:
+        values = {"logits": state.logits}
+        values.update({name: out for (method, name), (_, out) in state.stage_graphs.items()
+                       if method == plan.upsample})
+
+        def run():
+            return run_stage(self.stages, stage, state.static_in, plan, state.alpha, values)
+
+        self._warm_up(run)
+        state.stage_graphs[(plan.upsample, stage)] = self._capture(run, state.pool)
+
+    def discard_stages(self, state: _Shape, upsample: str) -> None:
+        for key in [key for key in state.stage_graphs if key[0] == upsample]:
+            graph, _ = state.stage_graphs.pop(key)
+            graph.reset()
+
+    def release(self, state: _Shape) -> None:
+        """Free a shape's graphs, pool and buffers (on eviction or close: never on a hot path)."""
+        torch.cuda.synchronize(self.device)  # nothing in flight may still read them
+        for graph, _ in state.stage_graphs.values():
+            graph.reset()
+        if state.forward_graph is not None:
+            state.forward_graph.reset()
+        state.stage_graphs.clear()
+        state.forward_graph = state.logits = state.keepalive = state.pool = None
+        state.lanes.clear()
+        state.static_in = state.alpha = None
+        with torch.cuda.device(self.device):
+            torch.cuda.empty_cache()  # a released graph's private pool returns to the device only here
+
+    def _warm_up(self, function) -> None:
+        self.capture_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.capture_stream), torch.inference_mode():
             for _ in range(WARMUP_RUNS):
-                logits = self.engine.forward_logits(frame.static_in, plan)
-                if capture_post:
-                    self.engine.postprocess(frame.static_in, logits, plan, frame.alpha)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()  # the two graphs replay in capture order: one pool is safe
-        frame.forward_graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(frame.forward_graph, pool=pool):
-            frame.logits = self.engine.forward_logits(frame.static_in, plan)
-        if capture_post:
-            frame.post_graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(frame.post_graph, pool=pool):
-                frame.outputs = self.engine.postprocess(frame.static_in, frame.logits, plan, frame.alpha)
+                function()
+        torch.cuda.current_stream(self.device).wait_stream(self.capture_stream)
 
-    # --- one call -------------------------------------------------------------------------------
-    def submit(self, batch: np.ndarray, plan: Plan, alpha: int) -> _Pending:
+    def _capture(self, function, pool) -> tuple[Any, Any]:
+        """(graph, output) of `function` captured on this device's capture stream, into `pool`."""
+        graph = torch.cuda.CUDAGraph()
+        previous = torch.cuda.current_stream(self.device)
+        try:
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
+                output = function()
+        except BaseException:
+            torch.cuda.set_stream(previous)  # a failed capture_end leaves the capture stream current
+            with contextlib.suppress(Exception):
+                graph.reset()
+            self.capture_stream = torch.cuda.Stream(self.device)  # a fresh one: no trace of the failed capture
+            raise
+        return graph, output
+
+    # --- the engine's calls ------------------------------------------------------------------------
+    def prepare(self, plan: Plan) -> None:
+        """Allocate and capture everything `plan` needs now (start-up), not on its first frame."""
+        with torch.cuda.device(self.device):
+            self.cache.entry(plan)
+
+    def submit(self, batch: np.ndarray, plan: Plan, alpha: int) -> _Work:
         """Queue upload, compute and download of `batch`; returns at once (the GPU works on)."""
-        frame = self._frame(plan)
-        lane = frame.lanes[frame.next_lane]
-        frame.next_lane = (frame.next_lane + 1) % LANES
-        if lane.done is not None:
-            lane.done.synchronize()  # the lane's last download has landed before its buffers are reused
-        events = {name: torch.cuda.Event(enable_timing=True) for name in
-                  ("upload_start", "uploaded", "compute_start", "forwarded", "processed", "download_start",
-                   "downloaded")}
-        start = time.perf_counter()
-        np.copyto(lane.pinned_in.numpy(), batch)  # pageable -> pinned on the host: enables async DMA
-        host_ms = (time.perf_counter() - start) * 1e3
-        self._upload(lane, events)
-        outputs = self._compute(frame, lane, plan, alpha, events)
-        self._download(frame, lane, outputs, events)
-        return _Pending(frame, lane, plan, events, host_ms)
+        with torch.cuda.device(self.device):
+            entry = self.cache.entry(plan)
+            state: _Shape = entry.state
+            lane = state.lanes[state.next_lane]
+            state.next_lane = (state.next_lane + 1) % LANES
+            events = {name: torch.cuda.Event(enable_timing=True) for name in EVENTS}
+            start = time.perf_counter()
+            pinned = pinned_empty(batch.shape, torch.uint8)
+            np.copyto(pinned.numpy(), batch)  # pageable -> pinned on the host: the upload is then async DMA
+            host_ms = (time.perf_counter() - start) * 1e3
+            self._upload(pinned, lane, events)
+            outputs = self._compute(entry, state, lane, plan, alpha, events)
+            host = self._download(outputs, lane, events)
+        return _Work(host, events, host_ms)
 
-    def _upload(self, lane: _Lane, events: dict) -> None:
-        with torch.cuda.stream(self.upload_stream):
-            events["upload_start"].record()
-            lane.device_in.copy_(lane.pinned_in, non_blocking=True)
-            events["uploaded"].record()
-
-    def _compute(self, frame: _Frame, lane: _Lane, plan: Plan, alpha: int, events: dict) -> dict:
-        stream = self.compute_stream
-        with torch.cuda.stream(stream), torch.inference_mode():
-            stream.wait_event(events["uploaded"])
-            if frame.outputs_free is not None:
-                stream.wait_event(frame.outputs_free)  # static outputs are still being downloaded
-            events["compute_start"].record()
-            frame.static_in.copy_(lane.device_in)  # device-to-device: the graph reads fixed addresses
-            frame.alpha.fill_(alpha)
-            logits = self._run_forward(frame, plan)
-            events["forwarded"].record()
-            outputs = self._run_postprocess(frame, plan, logits)
-            events["processed"].record()
-        return outputs
-
-    def _run_forward(self, frame: _Frame, plan: Plan) -> torch.Tensor:
-        if frame.forward_graph is None:
-            return self.engine.forward_logits(frame.static_in, plan)
-        frame.forward_graph.replay()
-        return frame.logits
-
-    def _run_postprocess(self, frame: _Frame, plan: Plan, logits: torch.Tensor) -> dict:
-        if frame.post_graph is not None:
-            frame.post_graph.replay()
-            return frame.outputs
-        outputs = self.engine.postprocess(frame.static_in, logits, plan, frame.alpha)
-        for tensor in outputs.values():
-            tensor.record_stream(self.download_stream)  # freshly allocated, read by another stream
-        return outputs
-
-    def _download(self, frame: _Frame, lane: _Lane, outputs: dict, events: dict) -> None:
-        with torch.cuda.stream(self.download_stream):
-            self.download_stream.wait_event(events["processed"])
-            events["download_start"].record()
-            for name, tensor in outputs.items():
-                pinned = lane.pinned_out.get(name)
-                if pinned is None or pinned.shape != tensor.shape or pinned.dtype != tensor.dtype:
-                    pinned = lane.pinned_out[name] = torch.empty(tensor.shape, dtype=tensor.dtype,
-                                                                 pin_memory=True)
-                pinned.copy_(tensor, non_blocking=True)
-            events["downloaded"].record()
-        lane.done = events["downloaded"]
-        frame.outputs_free = events["downloaded"]
-
-    def collect(self, pending: _Pending) -> tuple[dict[str, np.ndarray], StageTimings]:
-        """Wait for a submitted call; host copies of its outputs (the pinned lane is reused) and timings."""
-        events = pending.events
+    def collect(self, work: _Work) -> tuple[dict[str, np.ndarray], StageTimings]:
+        """Wait for a submitted call; its outputs as numpy views of its own pinned buffers, and timings."""
+        events = work.events
         events["downloaded"].synchronize()
-        outputs = {name: pending.lane.pinned_out[name].numpy().copy() for name in pending.plan.outputs}
         timings = StageTimings(
-            upload_ms=pending.host_upload_ms + events["upload_start"].elapsed_time(events["uploaded"]),
+            upload_ms=work.host_upload_ms + events["upload_start"].elapsed_time(events["uploaded"]),
             forward_ms=events["compute_start"].elapsed_time(events["forwarded"]),
             postprocess_ms=events["forwarded"].elapsed_time(events["processed"]),
             download_ms=events["download_start"].elapsed_time(events["downloaded"]),
         )
-        return outputs, timings
+        return {name: tensor.numpy() for name, tensor in work.host.items()}, timings
+
+    def close(self) -> None:
+        """Release every captured shape (lifecycle deactivate); the runner stays usable."""
+        with torch.cuda.device(self.device):
+            self.cache.clear()
+
+    # --- the three streams -------------------------------------------------------------------------
+    def _upload(self, pinned: torch.Tensor, lane: _Lane, events: dict) -> None:
+        with torch.cuda.stream(self.upload_stream):
+            if lane.consumed is not None:
+                self.upload_stream.wait_event(lane.consumed)  # the lane's last frame was read by its compute
+            events["upload_start"].record()
+            lane.device_in.copy_(pinned, non_blocking=True)
+            events["uploaded"].record()
+
+    def _compute(self, entry, state: _Shape, lane: _Lane, plan: Plan, alpha: int, events: dict) -> dict:
+        stream = self.compute_stream
+        with torch.cuda.stream(stream), torch.inference_mode():
+            stream.wait_event(events["uploaded"])
+            if lane.downloaded is not None:
+                stream.wait_event(lane.downloaded)  # the lane's outputs of two calls ago have left the device
+            events["compute_start"].record()
+            state.alpha.fill_(alpha)
+            if entry.forward_graph:
+                state.static_in.copy_(lane.device_in)  # device-to-device: the graph reads fixed addresses
+                frames = state.static_in
+                state.forward_graph.replay()
+                logits = state.logits
+            else:
+                frames = lane.device_in
+                logits = self.stages.forward(frames, plan)
+            events["forwarded"].record()
+            if entry.forward_graph and entry.graph_stages(plan):
+                for stage in plan.stages:
+                    state.stage_graphs[(plan.upsample, stage)][0].replay()
+                outputs = {name: state.stage_graphs[(plan.upsample, name)][1] for name in plan.outputs}
+            else:
+                outputs = postprocess(self.stages, frames, logits, plan, state.alpha)
+            for name, tensor in outputs.items():  # the double buffer: the next replay may overwrite outputs
+                lane_out = lane.device_out.get(name)
+                if lane_out is None or lane_out.shape != tensor.shape or lane_out.dtype != tensor.dtype:
+                    lane_out = lane.device_out[name] = torch.empty_like(tensor)
+                lane_out.copy_(tensor)
+            events["processed"].record()
+        lane.consumed = events["processed"]
+        return {name: lane.device_out[name] for name in plan.outputs}
+
+    def _download(self, outputs: dict[str, torch.Tensor], lane: _Lane, events: dict) -> dict[str, torch.Tensor]:
+        host = {}
+        with torch.cuda.stream(self.download_stream):
+            self.download_stream.wait_event(events["processed"])
+            events["download_start"].record()
+            for name, tensor in outputs.items():
+                host[name] = pinned_empty(tensor.shape, tensor.dtype)
+                host[name].copy_(tensor, non_blocking=True)
+            events["downloaded"].record()
+        lane.downloaded = events["downloaded"]
+        return host

@@ -1,27 +1,34 @@
 """The segmentation engine: camera frames in, labels / colors / overlays out. No ROS imports.
 
     engine = SegmentationEngine.from_checkpoint("icnet.safetensors")        # CUDA when present
+    engine.prepare(1024, 2048, outputs=("labels", "color"))                 # capture before frames arrive
     seg = engine.segment(frame_rgb, color=True)                             # one HxWx3 uint8 frame
     segs = engine.segment([left, right], channel_order="bgr", overlay=True)  # one batch, two cameras
     engine.branch, engine.precision = "sub4", "fp16"                        # between frames, no reload
+
+    pending = engine.submit(frame_k1)        # pipelined: frame k+1 uploads and computes ...
+    seg_k = engine.collect(pending_k)        # ... while frame k downloads (one call in flight)
 
 What it does per call:
 
 - upload: the uint8 frames go to the device as uint8 (a quarter of float32's bytes); on CUDA
   through pinned host buffers and non-blocking copies;
-- forward: channel order, float conversion and normalization on the device, then the chosen
-  branch of the BN-folded, channels-last network in the chosen precision;
-- postprocess: labels at full resolution (the exact upsampling shortcut of upsample.py on CPU,
-  a dense upsample on CUDA where it is cheap and capturable), colors and overlay on the device;
+- forward: channel order, float conversion, normalization and resize to the network size on the
+  device, then the chosen branch of the BN-folded, channels-last network in the chosen precision
+  (backend "torch"), or a TensorRT engine of it (backend "tensorrt", tensorrt.py);
+- postprocess: labels at the frame's resolution (the exact upsampling shortcut of upsample.py on
+  CPU, a dense upsample on CUDA where it is cheap and capturable), colors and overlay on the
+  device, each computed only when asked for (plan.py);
 - download: only the outputs asked for, as uint8 (or uint16 labels for big class maps).
 
-On CUDA, static shapes are captured in CUDA graphs (one per Plan: batch, size, branch, precision,
-channel order, outputs), see cuda.py. Everything else in this module runs the same on CPU and GPU
-and is tested on CPU.
+The runners get the computation as callables (plan.Stages): EagerRunner on CPU, cuda.CudaRunner on
+CUDA (streams, double buffers, CUDA graphs in a bounded cache, graphs.py). Everything else in this
+module runs the same on CPU and GPU and is tested on CPU.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +39,23 @@ import torch
 
 from icnet_ros.classmap import ClassMap, load_class_map
 from icnet_ros.inference.frames import FrameError, as_batch, check_channel_order
+from icnet_ros.inference.graphs import DEFAULT_CAPACITY
 from icnet_ros.inference.optimize import prepare_for_inference
-from icnet_ros.inference.timing import HostClock, StageTimings
+from icnet_ros.inference.plan import OUTPUTS, EagerRunner, Pending, Plan, Stages, postprocess
+from icnet_ros.inference.timing import StageTimings
 from icnet_ros.inference.upsample import upsample_argmax
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import ICNet, check_branch
 from icnet_ros.model.preprocess import network_size, normalization_constants, normalize, resize_input
 from icnet_ros.visualization import alpha_weight, colorize_torch, overlay_torch, palette_tensor
 
+LOG = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UPSAMPLE_METHODS = ("sparse", "dense")
 
-__all__ = ["FrameError", "Plan", "Segmentation", "SegmentationEngine", "StageTimings", "label_agreement"]
+BACKENDS = ("auto", "torch", "tensorrt")
+
+__all__ = ["FrameError", "Pending", "Plan", "Segmentation", "SegmentationEngine", "StageTimings", "label_agreement"]
 
 
 @dataclass
@@ -63,41 +75,21 @@ class Segmentation:
     batch_size: int = 1
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything that fixes the shapes and the work of one call: the key of a captured CUDA graph."""
-
-    batch: int
-    height: int
-    width: int
-    branch: str
-    precision: str
-    channel_order: str = "rgb"
-    labels: bool = True
-    color: bool = False
-    overlay: bool = False
-    upsample: str = "sparse"
-    network_height: int = 0  # the size the network runs at (frames are resized to it); 0: the frame's
-    network_width: int = 0
-
-    @property
-    def network_size(self) -> tuple[int, int]:
-        return (self.network_height or self.height, self.network_width or self.width)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return tuple(name for name in ("labels", "color", "overlay") if getattr(self, name))
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" -> CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but this PyTorch sees no CUDA GPU; use device='cpu'")
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if resolved.type == "cuda":
+        index = torch.cuda.current_device() if resolved.index is None else resolved.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        resolved = torch.device("cuda", index)  # pinned now: "cuda" must not follow later set_device calls
     return resolved
 
 
@@ -108,6 +100,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "tensorrt" on CUDA when TensorRT (and the ONNX exporter's packages) import, else "torch".
+
+    An explicit "tensorrt" without CUDA or without TensorRT is an error saying what to install.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    from icnet_ros.inference import tensorrt
+
+    if backend == "auto":
+        return "tensorrt" if device.type == "cuda" and tensorrt.available() else "torch"
+    if device.type != "cuda":
+        raise ValueError(f"backend 'tensorrt' runs on CUDA devices only, not {device}; use backend 'torch' "
+                         "(or 'auto') on the CPU")
+    tensorrt.import_tensorrt()  # raises TensorRTError naming what to install
+    return "tensorrt"
 
 
 def label_dtypes(num_classes: int, class_map: ClassMap) -> tuple[torch.dtype, np.dtype]:
@@ -146,23 +158,30 @@ class SegmentationEngine:
     Build it with from_checkpoint (everything else comes from the stored configuration) or from an
     ICNet instance. `branch`, `precision`, `alpha` and `upsample` may be changed between calls: the
     folded fp32 weights are kept, and a cast copy per precision is made on first use and cached.
+    One caller thread at a time (the node's worker).
     """
 
     def __init__(self, model: ICNet, *, class_map: ClassMap | str | None = None, device: str = "auto",
                  branch: str = "sub124", precision: str = "auto", threads: int | None = None,
                  upsample: str = "auto", alpha: float = 0.5, cuda_graphs: bool = True,
                  compile: bool = False, fold: bool = True,
-                 input_size: tuple[int, int] | None | str = "checkpoint") -> None:
+                 input_size: tuple[int, int] | None | str = "checkpoint", backend: str = "auto",
+                 graph_cache_size: int = DEFAULT_CAPACITY, tensorrt_cache: str | Path | None = None) -> None:
         """threads sets torch.set_num_threads (process-wide, CPU); None leaves PyTorch's default.
 
         upsample: "sparse" (exact shortcut, default on CPU) or "dense" (default on CUDA, where it is
         cheap and fits in a CUDA graph); both give labels identical to argmax of F.interpolate.
         cuda_graphs: capture static shapes in CUDA graphs (CUDA only). compile: use
-        torch.compile(mode="reduce-overhead") for the network instead of manual graphs.
+        torch.compile(mode="reduce-overhead") for the network instead of manual graphs (torch backend).
         fold: fold BatchNorm into the convolutions (False only to measure what folding gives).
         input_size: the (height, width) frames are resized to before the network, labels coming back
         at the frame's size; 0 on one side keeps the aspect ratio, None runs at each frame's size,
         "checkpoint" (default) takes the size the model was trained at (ModelConfig.input_size).
+        backend: "torch", "tensorrt" (CUDA + `pip install icnet-ros[tensorrt]`; engines built once per
+        shape and cached on disk, see tensorrt.py) or "auto" (tensorrt when it can run, else torch).
+        graph_cache_size: how many shapes (batch, frame and network size, branch, precision, channel
+        order) keep their CUDA graphs; the least recently used beyond that is released.
+        tensorrt_cache: the folder of cached TensorRT engines (default $ICNET_ROS_CACHE/tensorrt).
         """
         self.device = resolve_device(device)
         if threads is not None:
@@ -175,7 +194,12 @@ class SegmentationEngine:
         self.class_map = class_map
         self.num_classes = model.config.num_classes
         self.label_dtype, self.label_numpy_dtype = label_dtypes(self.num_classes, self.class_map)
-        self._weights = {"fp32": prepare_for_inference(model, self.device, fold)}
+        self.backend = resolve_backend("torch" if compile and backend == "auto" else backend, self.device)
+        self._source, self._fold = model, fold
+        self._weights: dict[str, ICNet] = {}
+        if self.backend == "torch":  # TensorRT runs its own copy: the torch weights are made only if asked for
+            self.weights("fp32")
+            self._source = None  # the folded copy is all the torch backend needs
         self.branch = branch
         self.precision = precision
         self.upsample = upsample
@@ -185,7 +209,13 @@ class SegmentationEngine:
         self._mean, self._std = normalization_constants(model.config, self.device)
         self._palette = palette_tensor(self.class_map.palette(), self.num_classes, self.device)
         self._compiled: dict[str, Any] = {}
-        self._runner = self._make_runner(cuda_graphs)
+        self._tensorrt = None
+        if self.backend == "tensorrt":
+            from icnet_ros.inference.tensorrt import TensorRTForward
+
+            self._tensorrt = TensorRTForward(model, self.device, tensorrt_cache)
+        self.stages = self._make_stages()
+        self._runner = self._make_runner(cuda_graphs, graph_cache_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", branch: str = "sub124",
@@ -245,6 +275,8 @@ class SegmentationEngine:
     def weights(self, precision: str | None = None) -> ICNet:
         """The folded network in `precision` (default: the current one); cast copies are cached."""
         precision = resolve_precision(precision or self.precision, self.device)
+        if "fp32" not in self._weights:
+            self._weights["fp32"] = prepare_for_inference(self._source, self.device, self._fold)
         if precision not in self._weights:
             self._weights[precision] = copy.deepcopy(self._weights["fp32"]).to(PRECISIONS[precision])
         return self._weights[precision]
@@ -262,37 +294,96 @@ class SegmentationEngine:
         Returns a Segmentation for a single frame, a list of them for a batch.
         Raises FrameError for frames of the wrong type, dtype, channel count or size.
         """
-        return self._finish(self._submit(frames, channel_order, labels, color, overlay, alpha))
+        return self.collect(self.submit(frames, channel_order=channel_order, labels=labels, color=color,
+                                        overlay=overlay, alpha=alpha))
+
+    def submit(self, frames: np.ndarray | Sequence[np.ndarray], *, channel_order: str = "rgb",
+               labels: bool = True, color: bool = False, overlay: bool = False,
+               alpha: float | None = None) -> Pending:
+        """Start segmenting `frames` (arguments as for segment()) and return at once with a handle.
+
+        On CUDA the upload, compute and download are queued on the device's streams and the call
+        returns before they finish, so the caller can prepare (and submit) the next frames while
+        these compute: collect(handle) waits for them. On CPU the work is done here. The frames may
+        be reused as soon as submit returns (they are copied). Handles may be collected in any order.
+        """
+        batch, single, plan = self._plan(frames, channel_order, labels, color, overlay)
+        return Pending(plan, single, self._runner.submit(batch, plan, self._alpha_for(alpha)))
+
+    def collect(self, pending: Pending) -> Segmentation | list[Segmentation]:
+        """The result of a submitted call (waiting for it): a Segmentation, or a list for a batch.
+
+        The arrays are the call's own (nothing later overwrites them). Each handle is collected once.
+        """
+        if pending.collected:
+            raise ValueError("this call was already collected; each submit() handle is collected once")
+        pending.collected = True
+        outputs, timings = self._runner.collect(pending.work)
+        pending.work = None
+        results = self._split(outputs, pending.plan, timings)
+        return results[0] if pending.single else results
 
     def segment_stream(self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], **options
                        ) -> Iterator[Segmentation | list[Segmentation]]:
-        """segment() over an iterable, in order, with one call in flight: on CUDA the next frames
-        upload and the previous results download while the GPU computes. Options as for segment()."""
+        """segment() over an iterable, in order, with one call in flight: on CUDA frame k+1 uploads
+        and frame k-1 downloads while frame k computes. Options as for segment()."""
         pending = None
         for frames in batches:
-            submitted = self._submit(frames, **options)
+            submitted = self.submit(frames, **options)
             if pending is not None:
-                yield self._finish(pending)
+                yield self.collect(pending)
             pending = submitted
         if pending is not None:
-            yield self._finish(pending)
+            yield self.collect(pending)
 
-    def _submit(self, frames, channel_order="rgb", labels=True, color=False, overlay=False, alpha=None):
-        batch, single, plan = self._plan(frames, channel_order, labels, color, overlay)
-        return self._runner.submit(batch, plan, self._alpha_for(alpha)), plan, single
+    def prepare(self, height: int, width: int, batch: int = 1, *, channel_order: str = "rgb",
+                outputs: Iterable[str] = ("labels",)) -> None:
+        """Get frames of this size ready before they arrive (the node calls it before subscribing).
 
-    def _finish(self, submitted):
-        handle, plan, single = submitted
-        outputs, timings = self._runner.collect(handle)
-        results = self._split(outputs, plan, timings)
-        return results[0] if single else results
+        On CUDA it allocates the shape's buffers, captures the forward and the postprocess of every
+        output named in `outputs` (any of "labels", "color", "overlay"; later calls may ask for any
+        subset of them without a capture), and builds or loads the TensorRT engine; then runs noise
+        through so that every buffer exists. On CPU it runs noise through (oneDNN and upsampling set-up).
+        Uses the engine's current branch, precision and upsample method.
+        """
+        wanted = {name: name in set(outputs) for name in OUTPUTS}
+        unknown = set(outputs) - set(OUTPUTS)
+        if unknown or not any(wanted.values()):
+            raise ValueError(f"outputs must name at least one of {list(OUTPUTS)}, got {list(outputs)}")
+        rng = np.random.default_rng(0)
+        frames = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+        _, _, plan = self._plan(frames, channel_order, **wanted)
+        self._runner.prepare(plan)
+        for _ in range(2 if self.device.type == "cuda" else 1):  # two calls: both buffer lanes
+            self.segment(frames, channel_order=channel_order, **wanted)
 
     def warm_up(self, height: int, width: int, batch: int = 1, iterations: int = 2, **options) -> None:
-        """Run a few frames of noise at this size (capturing CUDA graphs, tuning kernels) before timing."""
-        rng = np.random.default_rng(0)
+        """prepare() for the outputs in `options`, then a few frames of noise (before timing)."""
+        outputs = [name for name in OUTPUTS if options.get(name, name == "labels")]
+        self.prepare(height, width, batch, channel_order=options.get("channel_order", "rgb"), outputs=outputs)
+        rng = np.random.default_rng(1)
         frames = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
         for _ in range(iterations):
             self.segment(frames, **options)
+
+    def close(self) -> None:
+        """Release captured graphs and their device memory (lifecycle deactivate); the engine stays usable."""
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            close()
+
+    @property
+    def graph_cache(self):
+        """The CUDA graph cache (graphs.GraphCache) on CUDA, None on CPU: for diagnostics and tests."""
+        return getattr(self._runner, "cache", None)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the network weights the engine keeps on its device (every precision made so far)."""
+        return sum(p.numel() * p.element_size() for module in self._weights.values() for p in module.parameters())
+
+    def backend_memory_bytes(self, plan: Plan | None = None) -> int:
+        """Device memory held outside PyTorch's allocator (TensorRT engines: all, or the one of `plan`)."""
+        return self._tensorrt.memory_bytes(plan) if self._tensorrt is not None else 0
 
     def preprocess(self, frames: np.ndarray | Sequence[np.ndarray], channel_order: str = "rgb",
                    precision: str = "fp32") -> torch.Tensor:
@@ -306,25 +397,26 @@ class SegmentationEngine:
         x = normalize(frames, self._mean, self._std, channel_order, self.config.input_channel_order, torch.float32)
         return resize_input(x, size).to(dtype)
 
-    # --- the shared computation (also what the CUDA graphs capture) -----------------------------
+    # --- the shared computation (what the runners run and the CUDA graphs capture) --------------
     def forward_logits(self, frames: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """(N, H, W, 3) uint8 on device -> the branch's low-resolution logits (N, C, h, w)."""
+        """(N, H, W, 3) uint8 on device -> the branch's low-resolution logits (N, C, h, w), torch backend."""
         x = self._network_input(frames, plan.channel_order, plan.network_size, PRECISIONS[plan.precision])
         return self._network(plan.precision)(x, plan.branch)
 
     def postprocess(self, frames: torch.Tensor, logits: torch.Tensor, plan: Plan,
                     alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Low-resolution logits -> the requested full-resolution outputs, on the device."""
-        labels = upsample_argmax(logits, (plan.height, plan.width), plan.upsample, self.label_dtype)
-        outputs = {"labels": labels} if plan.labels else {}
-        if plan.color or plan.overlay:
-            color = colorize_torch(labels, self._palette)
-            if plan.color:
-                outputs["color"] = color
-            if plan.overlay:
-                in_order = color.flip(-1) if plan.channel_order == "bgr" else color
-                outputs["overlay"] = overlay_torch(frames, in_order, alpha)
-        return outputs
+        return postprocess(self.stages, frames, logits, plan, alpha)
+
+    def _labels(self, logits: torch.Tensor, plan: Plan) -> torch.Tensor:
+        return upsample_argmax(logits, (plan.height, plan.width), plan.upsample, self.label_dtype)
+
+    def _color(self, labels: torch.Tensor) -> torch.Tensor:
+        return colorize_torch(labels, self._palette)
+
+    def _overlay(self, frames: torch.Tensor, color: torch.Tensor, plan: Plan, alpha: torch.Tensor) -> torch.Tensor:
+        in_order = color.flip(-1) if plan.channel_order == "bgr" else color
+        return overlay_torch(frames, in_order, alpha)
 
     # --- internals ------------------------------------------------------------------------------
     def _network(self, precision: str):
@@ -336,12 +428,18 @@ class SegmentationEngine:
             self._compiled[precision] = torch.compile(module.branch_logits, mode="reduce-overhead")
         return self._compiled[precision]
 
-    def _make_runner(self, cuda_graphs: bool):
+    def _make_stages(self) -> Stages:
+        if self._tensorrt is not None:
+            return Stages(self._tensorrt, self._labels, self._color, self._overlay, keepalive=self._tensorrt.keepalive)
+        return Stages(self.forward_logits, self._labels, self._color, self._overlay)
+
+    def _make_runner(self, cuda_graphs: bool, graph_cache_size: int):
         if self.device.type == "cuda":
             from icnet_ros.inference.cuda import CudaRunner
 
-            return CudaRunner(self, use_graphs=cuda_graphs and not self.compile)
-        return EagerRunner(self)
+            use_graphs = cuda_graphs and not (self.compile and self.backend == "torch")
+            return CudaRunner(self.device, self.stages, use_graphs=use_graphs, cache_size=graph_cache_size)
+        return EagerRunner(self.device, self.stages)
 
     def _plan(self, frames, channel_order, labels, color, overlay) -> tuple[np.ndarray, bool, Plan]:
         batch, single = as_batch(frames)
@@ -362,26 +460,3 @@ class SegmentationEngine:
             outputs["labels"] = outputs["labels"].astype(self.label_numpy_dtype)
         return [Segmentation(**{name: outputs[name][i] for name in plan.outputs}, timings=timings,
                              batch_size=plan.batch) for i in range(plan.batch)]
-
-
-class EagerRunner:
-    """Runs a Plan eagerly, synchronously; CPU (and any device without a dedicated runner)."""
-
-    def __init__(self, engine: SegmentationEngine) -> None:
-        self.engine = engine
-
-    def submit(self, batch: np.ndarray, plan: Plan, alpha: int):
-        clock = HostClock()
-        frames = torch.from_numpy(batch).to(self.engine.device)
-        clock.mark("upload")
-        with torch.inference_mode():
-            logits = self.engine.forward_logits(frames, plan)
-            clock.mark("forward")
-            outputs = self.engine.postprocess(frames, logits, plan, torch.tensor(alpha))
-            clock.mark("postprocess")
-        host = {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
-        clock.mark("download")
-        return host, clock.timings()
-
-    def collect(self, handle):
-        return handle

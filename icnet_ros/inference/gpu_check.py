@@ -1,10 +1,12 @@
 """Check that the engine's labels agree with the plain eager fp32 model on real frames.
 
-On a GPU this is the fp16 check: the engine in fp16 (folded, channels-last, CUDA graphs) against the
-unfolded eager model in fp32 with TF32 off, on the nine Cityscapes frames; the target is >= 99.5%
-of pixels with equal labels. On a CPU it compares the fp32 engine with the eager model (expect 100%).
+On a GPU this is the fp16 check: the engine in fp16 (folded, channels-last, CUDA graphs; or the
+TensorRT engine with --backend tensorrt) against the unfolded eager model in fp32 with TF32 off, on
+the nine Cityscapes frames; the target is >= 99.5% of pixels with equal labels. On a CPU it compares
+the fp32 engine with the eager model (expect 100%).
 
     python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --checkpoint model.safetensors
+    python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --checkpoint m.safetensors --backend tensorrt
     python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --device cpu
 
 Exit status 0 when the overall agreement reaches --target, 1 when it does not, 2 for bad input.
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from icnet_ros.atomic import atomic_write_text
-from icnet_ros.inference.engine import PRECISIONS, SegmentationEngine, label_agreement
+from icnet_ros.inference.engine import BACKENDS, PRECISIONS, SegmentationEngine, label_agreement
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig
 
@@ -60,7 +62,8 @@ def check(args: argparse.Namespace) -> dict:
     if not frames:
         raise SystemExit(f"gpu_check: no readable image matches {args.glob!r} in {args.folder}")
     model = build_model(args.checkpoint, [f for _, f in frames])
-    engine = SegmentationEngine(model, device=args.device, branch=args.branch, precision=args.precision)
+    engine = SegmentationEngine(model, device=args.device, branch=args.branch, precision=args.precision,
+                                backend=args.backend)
     model = model.to(engine.device).eval()
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -72,7 +75,8 @@ def check(args: argparse.Namespace) -> dict:
         mine.append(labels)
         theirs.append(reference)
     overall = label_agreement(mine, theirs)
-    return {"device": str(engine.device), "precision": engine.precision, "branch": args.branch,
+    return {"device": str(engine.device), "backend": engine.backend, "precision": engine.precision,
+            "branch": args.branch,
             "weights": str(args.checkpoint) if args.checkpoint else "random (BatchNorm calibrated)",
             "frames": results, "overall": overall, "target": args.target, "passed": overall >= args.target}
 
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                         help="engine precision (auto: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--branch", choices=BRANCHES, default="sub124")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="engine backend (auto: tensorrt on CUDA when installed, else torch)")
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET)
     parser.add_argument("--json", type=Path, help="write the report here")
     return parser
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["frames"]:
         print(f"{row['frame']:<50} {100 * row['agreement']:8.4f} %")
     verdict = "PASS" if report["passed"] else "FAIL"
-    print(f"{report['device']} {report['precision']} engine vs eager fp32 ({report['branch']}, {report['weights']}): "
+    print(f"{report['device']} {report['backend']} {report['precision']} engine vs eager fp32 ({report['branch']}, {report['weights']}): "
           f"{100 * report['overall']:.4f} % of pixels agree; target {100 * report['target']:.2f} %: {verdict}")
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
