@@ -13,9 +13,10 @@ TIMING_FIELDS = {
     "header": "std_msgs/msg/Header",
     **{name: "float32" for name in ("convert_ms", "upload_ms", "forward_ms", "postprocess_ms", "download_ms",
                                     "publish_ms", "total_ms", "latency_ms")},
-    **{name: "uint64" for name in ("frames_processed", "frames_dropped", "frames_malformed")},
+    **{name: "uint64" for name in ("frames_processed", "frames_dropped", "frames_malformed", "frames_missing")},
     **{name: "string" for name in ("model", "class_map", "branch", "device", "precision")},
     "keep_rate": "float32",
+    "outputs": "string[]",
 }
 
 
@@ -53,8 +54,11 @@ def test_segmentation_timing_fields_and_types():
                                 "icnet_ros/msg/SegmentationTiming")
     _constants, fields = parsed["icnet_ros/msg/SegmentationTiming"]
     described = {}
-    for name, (_kind, spec) in fields:
-        described[name] = spec if isinstance(spec, str) else spec[0]
+    for name, (kind, spec) in fields:
+        if kind.name == "SEQUENCE":  # string[]: (element type, bound)
+            described[name] = f"{spec[0][1][0]}[]"
+        else:
+            described[name] = spec if isinstance(spec, str) else spec[0]
     assert described == TIMING_FIELDS
     assert fields[0][0] == "header"
 
@@ -68,7 +72,8 @@ def test_segmentation_timing_cdr_round_trip():
     values = {
         "convert_ms": 0.5, "upload_ms": 0.25, "forward_ms": 7.75, "postprocess_ms": 1.5,
         "download_ms": 0.125, "publish_ms": 0.375, "total_ms": 10.5, "latency_ms": 33.25,
-        "frames_processed": 2**40 + 1, "frames_dropped": 17, "frames_malformed": 2,
+        "frames_processed": 2**40 + 1, "frames_dropped": 17, "frames_malformed": 2, "frames_missing": 3,
+        "outputs": ["labels", "camera_info"],
         "model": "icnet_cityscapes.safetensors", "class_map": "cityscapes", "branch": "sub124",
         "keep_rate": 0.5, "device": "cuda:0", "precision": "fp16",
     }

@@ -89,6 +89,12 @@ def _spin_until(executor, condition, timeout=60.0):
         executor.spin_once(timeout_sec=0.05)
 
 
+def _spin_for(executor, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+
+
 def _camera_image(encoding="bgr8", stamp=None):
     """A camera frame stamped `stamp` (sec, nanosec), by default now (as a live camera stamps it)."""
     pixels = np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)
@@ -168,9 +174,7 @@ def test_runtime_parameters_change_and_startup_ones_are_refused(ros):
                                    Parameter("publish_color", Parameter.Type.BOOL, False)])
     assert all(r.successful for r in results)
     assert node.session.processor.config.branch == "sub4" and node.session.processor.config.overlay_alpha == 0.8
-    _spin_until(executor, lambda: node.session.frames_waiting() == 0)
-    time.sleep(0.5)  # a frame taken before the change may still be on its way out
-    executor.spin_once(timeout_sec=0.1)
+    _spin_for(executor, 2.0)  # frames taken before the change are still on their way out: let them land
     colors_before, labels_before = len(colors), len(labels)
     _publish_until(executor, camera, _camera_image(), lambda: len(labels) >= labels_before + 3)
     assert len(colors) == colors_before  # publish_color:=false stopped the topic
