@@ -215,9 +215,9 @@ class CountingEngine:
         else:
             super().__setattr__(name, value)
 
-    def segment(self, frames, **options):
+    def submit(self, frames, **options):
         self.calls.append(len(frames))
-        return self.engine.segment(frames, **options)
+        return self.engine.submit(frames, **options)
 
 
 def test_cameras_of_one_size_share_one_engine_call(engine):
@@ -285,13 +285,13 @@ def test_a_compressed_message_that_does_not_decode_is_malformed(engine):
 
 def test_an_engine_failure_is_reported_and_later_frames_still_work(engine):
     rig = Rig(engine)
-    original = engine.segment
+    original = engine.submit
     try:
-        engine.segment = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+        engine.submit = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
         [result] = rig.processor.process([incoming(image_message(frame_pixels(11)))])
     finally:
-        del engine.segment
-    assert engine.segment == original
+        del engine.submit
+    assert engine.submit == original
     assert result.outcome == "failed" and "out of memory" in result.detail
     assert rig.health.camera_report(0, rig.clock(), Thresholds()).level == ERROR
     [result] = rig.processor.process([incoming(image_message(frame_pixels(11)))])
@@ -463,9 +463,9 @@ class RecordingEngine(CountingEngine):
         super().__init__(engine)
         self.asked = []
 
-    def segment(self, frames, **options):
+    def submit(self, frames, **options):
         self.asked.append({name for name in ("labels", "color", "overlay") if options.get(name)})
-        return super().segment(frames, **options)
+        return super().submit(frames, **options)
 
 
 class Subscribers:
@@ -603,3 +603,41 @@ def test_slow_publishing_does_not_delay_the_next_frame(engine):
         release.set()
         assert session.stop(5.0)
     assert not session.running
+
+
+def test_the_segmentation_worker_starts_the_next_frame_before_finishing_this_one():
+    """On CUDA engine.submit returns at once: frame k+1 uploads while frame k computes."""
+    buffer, events = LatestFrameBuffer(1), []
+
+    def start(items):
+        frame = items[0].message
+        events.append(("start", frame))
+        if frame < 5:  # a camera faster than the engine: the next frame is already there
+            buffer.put(IncomingFrame(0, frame + 1, False, 0))
+        return frame
+
+    def finish(frame):
+        events.append(("finish", frame))
+
+    worker = BufferWorker("segmentation", buffer, start, poll_s=0.01, finish=finish)
+    worker.start()
+    try:
+        buffer.put(IncomingFrame(0, 0, False, 0))
+        _wait_for(lambda: ("finish", 5) in events)
+    finally:
+        worker.stop()
+    assert events == [("start", 0)] + [e for m in range(5) for e in (("start", m + 1), ("finish", m))] + \
+        [("finish", 5)]
+
+
+def test_an_engine_failure_when_the_results_are_collected_is_reported(engine):
+    rig = Rig(engine)
+    original = engine.collect
+    try:
+        engine.collect = lambda pending: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))
+        [result] = rig.processor.process([incoming(image_message(frame_pixels(50)))])
+    finally:
+        del engine.collect
+    assert engine.collect == original
+    assert result.outcome == "failed" and rig.outputs(0) == {}
+    assert rig.health.camera_report(0, rig.clock(), Thresholds()).level == ERROR

@@ -55,6 +55,10 @@ class NodeConfig:
         "auto", "Forward-pass precision; auto is fp16 on CUDA and fp32 on CPU.",
         choices=("auto", "fp32", "fp16", "bf16"))
     cpu_threads: int = _field(0, "PyTorch CPU threads; 0 keeps PyTorch's default.", value_range=(0, 256))
+    backend: Literal["auto", "torch", "tensorrt"] = _field(
+        "auto", "Inference backend: torch (PyTorch, CUDA graphs), tensorrt (pip install icnet-ros[tensorrt]; "
+        "the engine is built once per GPU and shape and cached on disk), auto (tensorrt where installed "
+        "on CUDA, else torch).", choices=("auto", "torch", "tensorrt"))
     input_size: str = _field("checkpoint", "Size frames are resized to before the network (labels come back "
                              "at the frame's size): 'checkpoint' (the size the model was trained at), 'frame' "
                              "(each frame's own size) or 'HxW' (0 for one side keeps the aspect ratio).")

@@ -1,14 +1,16 @@
 """Frames taken from the buffer -> segmentation results for the publisher (no ROS imports).
 
     camera callback --put--> LatestFrameBuffer --take--> segmentation worker: FrameProcessor
-        convert each message (a malformed one is counted, logged, skipped)
-        ask which outputs anyone subscribes to: nothing else is computed or downloaded
-        batch the frames by size, channel order and outputs: one engine call per batch
-        deliver a SegmentedFrame per camera --> publishing worker (publisher.py)
+        start(frames):  convert each message (a malformed one is counted, logged, skipped)
+                        ask which outputs anyone subscribes to: nothing else is computed or downloaded
+                        batch the frames by size, channel order and outputs: one engine.submit each
+        finish(work):   engine.collect, then deliver a SegmentedFrame per camera
+                        --> publishing worker (publisher.py)
 
-Nothing here waits for a subscriber: publishing runs on its own thread, so the next frame is
-segmented while the previous one is serialized. An engine failure is counted and reported, and
-the next frame goes on as usual.
+The worker starts frame k+1 before it finishes frame k, so on CUDA the next upload overlaps the
+current compute (engine.submit returns at once); nothing here waits for a subscriber, because
+publishing runs on its own thread. An engine failure is counted and reported, and the next frame
+goes on as usual.
 """
 from __future__ import annotations
 
@@ -71,6 +73,16 @@ class _Converted:
     wanted: tuple[str, ...]
 
 
+@dataclass
+class Work:
+    """Frames started on the engine and not yet delivered (FrameProcessor.start -> finish)."""
+
+    config: NodeConfig
+    taken_s: float
+    batches: list[tuple[list[_Converted], Any]] = field(default_factory=list)  # (frames, engine handle or None)
+    results: list[FrameResult] = field(default_factory=list)  # outcomes known at start (malformed, failed)
+
+
 class FrameProcessor:
     """Converts, segments and delivers the frames the worker takes (see the module docstring).
 
@@ -93,22 +105,66 @@ class FrameProcessor:
         return tuple(name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name]) and self.demand(camera, name))
 
     def process(self, frames: list[IncomingFrame]) -> list[FrameResult]:
+        """start + finish: segment and deliver `frames` before returning (tools and tests)."""
+        return self.finish(self.start(frames))
+
+    def start(self, frames: list[IncomingFrame]) -> Work:
+        """Convert `frames` and submit them to the engine; returns without waiting for the results."""
         config = self.config
         self.engine.branch = config.branch
         self.engine.alpha = config.overlay_alpha
-        taken = time.perf_counter()
-        results, converted = [], []
+        work = Work(config, time.perf_counter())
+        converted = []
         for frame in frames:
             start = time.perf_counter()
             try:
                 pixels = engine_input(frame.message, frame.compressed)
             except ImageConversionError as error:
-                results.append(self._malformed(frame, error))
+                work.results.append(self._malformed(frame, error))
                 continue
             converted.append(_Converted(frame, pixels, _ms_since(start), self.wanted_outputs(frame.camera, config)))
         for group in _batches(converted):
-            results.extend(self._segment_batch(group, config, taken))
+            self._submit(work, group)
+        return work
+
+    def finish(self, work: Work) -> list[FrameResult]:
+        """Wait for the engine and deliver every frame of `work`; the outcome of each frame."""
+        results = list(work.results)
+        for group, pending in work.batches:
+            results.extend(self._collect(work, group, pending))
         return results
+
+    def _submit(self, work: Work, group: list[_Converted]) -> None:
+        wanted = group[0].wanted
+        if not wanted:  # nobody listens to any image of these cameras: compute nothing
+            work.batches.append((group, None))
+            return
+        try:
+            pending = self.engine.submit([item.pixels.pixels for item in group],
+                                        channel_order=group[0].pixels.channel_order,
+                                        **{name: name in wanted for name in IMAGE_OUTPUTS})
+        except Exception as error:  # a CUDA out-of-memory, say: report it and keep serving later frames
+            work.results.extend(self._failed(group, error))
+            return
+        work.batches.append((group, pending))
+
+    def _collect(self, work: Work, group: list[_Converted], pending: Any) -> list[FrameResult]:
+        if pending is None:
+            return [self._deliver(item, {}, StageTimings(), work, "idle") for item in group]
+        try:
+            segmentations = self.engine.collect(pending)
+        except Exception as error:  # a failure surfacing when the device finishes: the same report
+            return self._failed(group, error)
+        if not isinstance(segmentations, list):
+            segmentations = [segmentations]
+        return [self._deliver(item, dict(_outputs(seg, item.pixels)), seg.timings, work, "segmented")
+                for item, seg in zip(group, segmentations)]
+
+    def _failed(self, group: list[_Converted], error: Exception) -> list[FrameResult]:
+        cameras = [item.frame.camera for item in group]
+        self.health.frames_failed(cameras, self.clock_ns(), f"{type(error).__name__}: {error}")
+        self.log("engine", f"segmentation failed for {len(cameras)} frame(s): {type(error).__name__}: {error}")
+        return [FrameResult(camera, "failed", str(error)) for camera in cameras]
 
     def _malformed(self, frame: IncomingFrame, error: Exception) -> FrameResult:
         topic = self.health.cameras[frame.camera].topic
@@ -116,26 +172,10 @@ class FrameProcessor:
         self.log("malformed", f"malformed image on {topic}: {error}")
         return FrameResult(frame.camera, "malformed", str(error))
 
-    def _segment_batch(self, group: list[_Converted], config: NodeConfig, taken: float) -> list[FrameResult]:
-        wanted = group[0].wanted
-        if not wanted:  # nobody listens to any image of these cameras: compute nothing
-            return [self._deliver(item, {}, StageTimings(), config, taken, "idle") for item in group]
-        try:
-            segmentations = self.engine.segment([item.pixels.pixels for item in group],
-                                                channel_order=group[0].pixels.channel_order,
-                                                **{name: name in wanted for name in IMAGE_OUTPUTS})
-        except Exception as error:  # a CUDA out-of-memory, say: report it and keep serving later frames
-            cameras = [item.frame.camera for item in group]
-            self.health.frames_failed(cameras, self.clock_ns(), f"{type(error).__name__}: {error}")
-            self.log("engine", f"segmentation failed for {len(cameras)} frame(s): {type(error).__name__}: {error}")
-            return [FrameResult(camera, "failed", str(error)) for camera in cameras]
-        return [self._deliver(item, dict(_outputs(seg, item.pixels)), seg.timings, config, taken, "segmented")
-                for item, seg in zip(group, segmentations)]
-
-    def _deliver(self, item: _Converted, outputs: dict, timings: StageTimings, config: NodeConfig, taken: float,
+    def _deliver(self, item: _Converted, outputs: dict, timings: StageTimings, work: Work,
                  outcome: str) -> FrameResult:
         self.deliver(SegmentedFrame(item.frame.camera, item.frame.message.header, outputs, timings,
-                                    item.convert_ms, taken, config.branch, self.engine.precision))
+                                    item.convert_ms, work.taken_s, work.config.branch, self.engine.precision))
         return FrameResult(item.frame.camera, outcome, outputs=tuple(outputs))
 
 

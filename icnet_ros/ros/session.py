@@ -25,7 +25,7 @@ from icnet_ros.ros.frame_buffer import IncomingFrame, LatestFrameBuffer
 from icnet_ros.ros.health import HealthMonitor
 from icnet_ros.ros.log_throttle import LogThrottle
 from icnet_ros.ros.node_config import NodeConfig
-from icnet_ros.ros.processor import Demand, FrameProcessor, SegmentedFrame
+from icnet_ros.ros.processor import IMAGE_OUTPUTS, OUTPUT_FLAGS, Demand, FrameProcessor, SegmentedFrame
 from icnet_ros.ros.publisher import (
     CameraInfoCache,
     MessageTypes,
@@ -54,11 +54,12 @@ def create_engine(config: NodeConfig) -> tuple[SegmentationEngine, ResolvedCheck
     checkpoint = resolve_checkpoint(config.model, config.model_dir, config.dataset, config.keep_rate)
     engine = SegmentationEngine.from_checkpoint(
         checkpoint.path, device=config.device, branch=config.branch, precision=config.precision,
-        threads=config.cpu_threads or None, alpha=config.overlay_alpha)
+        threads=config.cpu_threads or None, alpha=config.overlay_alpha, backend=config.backend)
     engine.input_size = parse_input_size(config.input_size, engine.config.input_size)
     if config.warmup_height and config.warmup_width:
-        engine.warm_up(config.warmup_height, config.warmup_width, labels=config.publish_labels,
-                       color=config.publish_color, overlay=config.publish_overlay)
+        outputs = [name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name])]
+        for channel_order in ("rgb", "bgr"):  # the camera's encoding decides which one its frames use
+            engine.prepare(config.warmup_height, config.warmup_width, channel_order=channel_order, outputs=outputs)
     return engine, checkpoint
 
 
@@ -95,16 +96,20 @@ class SegmentationSession:
     def start(self) -> None:
         """Activate: fresh buffers (a closed one stays closed) and the two worker threads."""
         self._frames, self._results = LatestFrameBuffer(self._cameras), LatestFrameBuffer(self._cameras)
-        self._workers = [BufferWorker("segmentation", self._frames, self.processor.process, self.log),
+        self._workers = [BufferWorker("segmentation", self._frames, self.processor.start, self.log,
+                                      finish=self.processor.finish),
                          BufferWorker("publishing", self._results, self.publisher.publish_frames, self.log)]
         for worker in self._workers:
             worker.start()
 
     def stop(self, timeout_s: float) -> bool:
-        """Deactivate: stop taking frames, then let the publisher finish; True when both threads ended."""
+        """Deactivate: stop both threads, then release the engine's captured graphs and buffers
+        (the engine stays usable for a later activate); True when both threads ended."""
         self._frames = None
         ended = [worker.stop(timeout_s) for worker in self._workers]
         self._workers = []
+        if all(ended):
+            self.engine.close()
         return all(ended)
 
     def frames_waiting(self) -> int:
