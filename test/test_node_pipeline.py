@@ -573,6 +573,31 @@ def test_gaps_in_the_camera_stamps_are_reported_as_missing_frames():
     assert "missing" not in health.camera_report(0, clock(), Thresholds(diagnostics_window_s=5.0)).message
 
 
+def test_missing_frames_are_counted_even_when_most_are_lost():
+    """84 of 100 frames lost (a 2 MP stream, default DDS buffers): most intervals are multiples of the
+    camera's, which must not be taken for its rate."""
+    clock = Clock()
+    health = HealthMonitor(["/cam/image_raw"], clock())
+    period = 200_000_000  # 5 Hz
+    arrived = sorted(set(range(0, 100, 7)) | {1, 2, 3, 4, 5, 6, 36, 37, 99})  # the first few, then a trickle
+    for index in arrived:
+        clock.now_ns = STAMP_NS + index * period
+        health.frame_received(0, clock(), False, STAMP_NS + index * period)
+    assert health.counts(0).missing == 100 - len(arrived)
+
+
+def test_frames_lost_before_the_rate_is_known_are_counted_too():
+    """Measured over real DDS: the first intervals a stream gives can already be gaps."""
+    clock = Clock()
+    health = HealthMonitor(["/cam/image_raw"], clock())
+    period = 200_000_000
+    arrived = [0, 3, 11, 12, 26, 32, 34, 35, 43, 49, 53, 77, 83]  # 13 of 84, as a 1 MiB buffer let through
+    for index in arrived:
+        clock.now_ns = STAMP_NS + index * period
+        health.frame_received(0, clock(), False, STAMP_NS + index * period)
+    assert health.counts(0).missing == 84 - len(arrived)
+
+
 # --- the two threads: publishing never delays segmentation ---------------------------------------------
 def test_slow_publishing_does_not_delay_the_next_frame(engine):
     """rclpy serializes in publish(): 18 ms per 2 MP frame. The segmentation thread must not wait for it."""

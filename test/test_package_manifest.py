@@ -86,7 +86,7 @@ def test_non_ros_entry_points_import(entry_point):
 
 
 ROS_PACKAGES_IMPORTED_AT_RUNTIME = ("icnet_ros/ros/node.py", "launch/segment.launch.py", "icnet_ros/paths.py",
-                                    "icnet_ros/ros/launch_plan.py")
+                                    "icnet_ros/ros/launch_plan.py", "icnet_ros/ros/ros_bench.py")
 
 
 @pytest.mark.parametrize("source", ROS_PACKAGES_IMPORTED_AT_RUNTIME)

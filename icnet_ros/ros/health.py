@@ -25,12 +25,15 @@ import numpy as np
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 NS_PER_S = 1_000_000_000
-# Gap detection in the input stamps: a camera's frame interval is the median of its recent
-# intervals (robust to the odd late frame); an interval over GAP_FACTOR times it means frames
-# went missing, round(interval / typical) - 1 of them. Too few intervals: no verdict yet.
+# Gap detection in the input stamps: a camera's frame interval is a low percentile of its recent
+# intervals. When frames are lost most intervals are multiples of the true one, so the median
+# would drift up with the loss; the shortest intervals are the camera's own. An interval over
+# GAP_FACTOR times it means frames went missing, round(interval / typical) - 1 of them. Too few
+# intervals: no verdict yet.
 GAP_FACTOR = 1.5
 STAMP_INTERVALS_KEPT = 32
 MIN_STAMP_INTERVALS = 5
+TYPICAL_INTERVAL_PERCENTILE = 10
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class CameraStats:
     def typical_interval_ns(self) -> float | None:
         if len(self.stamp_intervals) < MIN_STAMP_INTERVALS:
             return None
-        return float(np.median(self.stamp_intervals))
+        return float(np.percentile(self.stamp_intervals, TYPICAL_INTERVAL_PERCENTILE, method="lower"))
 
 
 class HealthMonitor:
@@ -132,13 +135,17 @@ class HealthMonitor:
         if interval <= 0:  # a replay started over, or frames came out of order: measure afresh
             stats.stamp_intervals.clear()
             return
-        typical = stats.typical_interval_ns()
-        if typical is not None and interval > GAP_FACTOR * typical:
-            lost = max(1, round(interval / typical) - 1)
-            stats.missing += lost
-            stats.missing_at.append((now_ns, lost))
-            return
+        known = stats.typical_interval_ns() is not None
         stats.stamp_intervals.append(interval)
+        typical = stats.typical_interval_ns()
+        if typical is None:
+            return
+        # the first time the rate is known, the intervals it was learned from are judged too
+        for gap in ([interval] if known else list(stats.stamp_intervals)):
+            if gap > GAP_FACTOR * typical:
+                lost = max(1, round(gap / typical) - 1)
+                stats.missing += lost
+                stats.missing_at.append((now_ns, lost))
 
     def result_dropped(self, camera: int) -> None:
         """A segmented frame was replaced by a newer one before the publisher took it."""
