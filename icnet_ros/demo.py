@@ -1,15 +1,20 @@
-"""icnet-demo (`ros2 run icnet_ros demo`): segment the embedded drive with the bundled demo weights.
+"""icnet-demo (`ros2 run icnet_ros demo`): see the package work, on a synthetic drive or on your own photos.
 
-No dataset, GPU or ROS needed. The drive is a synthetic street sequence (51 frames, 3 s at 17 Hz,
-512x1024) rendered deterministically on first use into a cache folder, with its exact labels. The
-demo writes label, color and overlay PNGs, an overlay video and a timing summary, measures the
-mIoU against the drive's labels, and prints where everything is:
+No dataset, GPU or ROS needed. Without --images it segments the embedded drive with the bundled
+demo weights: a synthetic street sequence (51 frames, 3 s at 17 Hz, 512x1024) rendered
+deterministically on first use into a cache folder, with its exact labels. It writes label, color
+and overlay PNGs, an overlay video and a timing summary, measures the mIoU against the drive's
+labels, and prints where everything is. With --images it segments a folder of real street photos
+with the bundled CamVid model (trained on real driving frames) and writes camera | overlay pictures:
 
     icnet-demo                         # results in ./icnet_demo
+    icnet-demo --images my_dashcam/    # real photos, the bundled CamVid model
     icnet-demo --out /tmp/demo --device cuda
     icnet-demo --bag-path              # print (and build on first use) the drive as a rosbag2
 
-The demo weights know synthetic scenes only; real roads need training on real data (README.md).
+Which model for what: the demo weights know synthetic scenes only (they show the pipeline); for a
+real camera use the bundled CamVid model (dataset camvid, 11 classes) or the authors' Cityscapes
+weights converted with icnet-import (19 classes, README.md).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import numpy as np
 
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import load_class_map
-from icnet_ros.model.registry import DEMO_DATASET, demo_weights
+from icnet_ros.model.registry import DEMO_DATASET, camvid_weights, demo_weights
 
 DRIVE_VERSION = 1  # bump when the drive's recipe changes, so stale caches are not reused
 DRIVE_SEED = 99_991  # a street no training scene of config/train/demo.yaml uses
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--bag-path", action="store_true",
                         help="only print the path of the drive as a rosbag2 (building it on first use)")
+    parser.add_argument("--images", type=Path,
+                        help="a folder of your own street photos: segment them with the bundled CamVid model")
     return parser
 
 
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from icnet_ros.inference import offline
 
+    if args.images is not None:
+        return _segment_photos(args, offline)
     start = time.perf_counter()
     print(f"demo drive: {DRIVE_FRAMES} synthetic frames at {DRIVE_HEIGHT}x{DRIVE_WIDTH} "
           f"(rendered once into {drive_root()})", flush=True)
@@ -175,8 +184,22 @@ def _print_results(out: Path, accuracy: dict[str, Any], record: dict[str, Any]) 
     print(f"overlay (images):    {out / 'overlay'}")
     print(f"overlay (video):     {out / 'overlay.mp4'}")
     print(f"timing summary:      {out / 'timing.json'}")
-    print(f"done in {record['wall_time_s']:.1f} s. These weights know synthetic scenes only; train on real "
-          "data for a vehicle (README.md).")
+    print(f"done in {record['wall_time_s']:.1f} s. These weights know synthetic scenes only: for a real camera "
+          "use the bundled CamVid model (icnet-demo --images <photos>, dataset:=camvid in ROS) or the authors' "
+          "Cityscapes weights through icnet-import (README.md).")
+
+
+def _segment_photos(args: argparse.Namespace, offline) -> int:
+    """Real photos -> camera | overlay pictures, with the bundled CamVid model at its training scale."""
+    segment_args = [str(camvid_weights()), str(args.images), "--out", str(args.out), "--side-by-side",
+                    "--no-labels", "--device", args.device, "--branch", args.branch]
+    if args.threads is not None:
+        segment_args += ["--threads", str(args.threads)]
+    status = offline.main(segment_args)
+    if status == 0:
+        print(f"camera | overlay pictures: {args.out / 'side_by_side'} (bundled CamVid model: sky, building, "
+              "pole, road, sidewalk, tree, sign, fence, car, pedestrian, bicyclist)")
+    return status
 
 
 if __name__ == "__main__":

@@ -199,3 +199,28 @@ def test_corrupt_bag_is_a_clear_error(tmp_path, checkpoint, capsys):
     assert main([str(checkpoint), str(bag), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "skipped" in err and "nothing could be segmented" in err
+
+
+def test_side_by_side_pictures_show_the_camera_and_its_overlay(tmp_path, checkpoint, engine):
+    frames = write_images(tmp_path / "images", count=1)
+    out = tmp_path / "out"
+    assert main([str(checkpoint), str(tmp_path / "images"), "--out", str(out), "--device", "cpu",
+                 "--side-by-side", "--no-labels", "--no-color"]) == 0
+    pair = cv2.cvtColor(read_png(out / "side_by_side" / "img_0.png"), cv2.COLOR_BGR2RGB)
+    assert pair.shape == (SIZE[0], 2 * SIZE[1], 3)
+    assert np.array_equal(pair[:, :SIZE[1]], frames[0])
+    assert np.array_equal(pair[:, SIZE[1]:], engine.segment(frames[0], overlay=True).overlay)
+    assert not (out / "labels").exists()
+
+
+def test_the_network_input_size_changes_the_network_not_the_outputs(tmp_path, checkpoint, capsys):
+    write_images(tmp_path / "images", count=1)
+    out = tmp_path / "out"
+    assert main([str(checkpoint), str(tmp_path / "images"), "--out", str(out), "--device", "cpu",
+                 "--input-size", "128x0"]) == 0
+    labels = read_png(out / "labels" / "img_0.png")
+    assert labels.shape == SIZE  # network at 128x192, labels back at the frame's 64x96
+    resized = SegmentationEngine.from_checkpoint(checkpoint, device="cpu", input_size=(128, 0))
+    assert np.array_equal(labels, resized.segment(scene(0)).labels)
+    assert main([str(checkpoint), str(tmp_path / "images"), "--out", str(out), "--input-size", "big"]) == 1
+    assert "input size 'big' is not understood" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from icnet_ros.inference.frames import FrameError, check_frame
 from icnet_ros.inference.timing import TimingLog
 from icnet_ros.model.checkpoint import CheckpointError
 from icnet_ros.model.icnet import BRANCHES
+from icnet_ros.model.preprocess import INPUT_SIZE_HELP, parse_input_size
 from icnet_ros.ros.topics import output_topics as ros_output_topics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -246,7 +247,7 @@ class Outputs:
         """Which engine outputs the requested files need (the rest is never computed)."""
         bag = self.bag is not None
         return {"labels": self.args.labels or bag, "color": self.args.color or bag,
-                "overlay": self.args.overlay or self.video is not None or bag}
+                "overlay": self.args.overlay or self.args.side_by_side or self.video is not None or bag}
 
     def write(self, frame: InputFrame, seg: Segmentation) -> None:
         out = self.args.out
@@ -256,6 +257,9 @@ class Outputs:
             write_png(out / "color" / f"{frame.name}.png", cv2.cvtColor(seg.color, cv2.COLOR_RGB2BGR))
         if self.args.overlay:
             write_png(out / "overlay" / f"{frame.name}.png", cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
+        if self.args.side_by_side:  # camera | overlay, one picture to look at
+            pair = np.concatenate([frame.rgb, seg.overlay], axis=1)
+            write_png(out / "side_by_side" / f"{frame.name}.png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if self.video is not None:
             self.video.write(cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
         if self.bag is not None:
@@ -314,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-labels", dest="labels", action="store_false", help="skip label PNGs")
     parser.add_argument("--no-color", dest="color", action="store_false", help="skip colorized PNGs")
     parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs (overlay/<name>.png)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="also write camera | overlay pictures (side_by_side/<name>.png)")
     parser.add_argument("--overlay-video", type=Path, help="write an mp4v overlay video here")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colors (0..1)")
     parser.add_argument("--fps", type=float, default=None, help="overlay video rate (default: the input's)")
@@ -325,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--branch", choices=BRANCHES, default="sub124")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--input-size", default="checkpoint",
+                        help=f"network input size: {INPUT_SIZE_HELP}; outputs are always at the frame's size")
     parser.add_argument("--summary-json", type=Path, help="write the timing summary and counts here as JSON")
     return parser
 
@@ -336,6 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.fps = video_fps(args.input) if kind == "video" else DEFAULT_FPS
     engine = SegmentationEngine.from_checkpoint(args.checkpoint, device=args.device, branch=args.branch,
                                                 precision=args.precision, threads=args.threads, alpha=args.alpha)
+    engine.input_size = parse_input_size(args.input_size, engine.config.input_size)
     skips, log = Skips(), TimingLog()
     with ExitStack() as stack:
         outputs = Outputs(args, engine, stack)
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (OfflineError, CheckpointError, BagError) as error:
+    except (OfflineError, CheckpointError, BagError, ValueError) as error:  # ValueError: a bad --input-size
         print(f"icnet-segment: error: {error}", file=sys.stderr)
         return 1
     print(summary["timing"].format())

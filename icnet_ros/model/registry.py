@@ -1,10 +1,14 @@
-"""Which checkpoint to load for a dataset and a compression level, and the bundled demo weights.
+"""Which checkpoint to load for a dataset and a compression level, and the models shipped inside the package.
 
 The node and the launch file select a model by dataset (class map) and kernel keeping rate. A
-folder of checkpoints named icnet_<dataset>_keep<rate>.safetensors serves every combination; with
-no folder, the demo weights shipped inside the package serve cityscapes at keep rate 0.25. The demo
-weights were trained on synthetic drives only (see README.md): they show the pipeline working, and
-they are not a model for real roads.
+folder of checkpoints named icnet_<dataset>_keep<rate>.safetensors serves every combination (the
+imported Cityscapes weights go there as icnet_cityscapes_keep0.5.safetensors); with no folder, two
+bundled models answer:
+
+- camvid at keep rate 0.25: trained here from scratch on CamVid's real driving frames (11 classes),
+  the model for a real camera out of the box;
+- cityscapes at keep rate 0.25: the demo weights, trained on synthetic drives only (see README.md).
+  They show the pipeline working and are not a model for real roads; the node says so.
 """
 from __future__ import annotations
 
@@ -14,22 +18,43 @@ from pathlib import Path
 from icnet_ros.model.checkpoint import CheckpointError, read_checkpoint
 from icnet_ros.paths import asset_path
 
-DEMO_WEIGHTS_NAME = "demo_synthetic_keep0.25.safetensors"
-DEMO_DATASET = "cityscapes"
-DEMO_KEEP_RATE = 0.25
-DEMO_TRAINING_COMMAND = ("icnet-make-drives --out data/synthetic_demo --splits train=400,val=40 --height 512 "
-                         "--width 1024 && icnet-train --config config/train/demo.yaml")
+@dataclass(frozen=True)
+class BundledModel:
+    """A checkpoint shipped in icnet_ros/assets/, and how it was made."""
+
+    file: str
+    dataset: str
+    keep_rate: float
+    synthetic: bool  # trained on synthetic drives only: the node warns that it is a demo
+    training_command: str
+
+
+DEMO = BundledModel("demo_synthetic_keep0.25.safetensors", "cityscapes", 0.25, True,
+                    "icnet-make-drives --out data/synthetic_demo --splits train=400,val=40 --height 512 --width 1024 "
+                    "&& icnet-train --config config/train/demo.yaml")
+CAMVID = BundledModel("camvid_keep0.25.safetensors", "camvid", 0.25, False,
+                      "icnet-train --config config/train/camvid_cpu.yaml data_root=<CamVid (SegNet layout)>")
+BUNDLED_MODELS = (CAMVID, DEMO)
+DEMO_DATASET, DEMO_KEEP_RATE = DEMO.dataset, DEMO.keep_rate
+
+
+def bundled_weights(model: BundledModel) -> Path:
+    """The file of a bundled model, or CheckpointError saying how to rebuild it."""
+    path = asset_path(model.file)
+    if not path.is_file():
+        raise CheckpointError(f"the bundled model {path} is missing from this installation; reinstall icnet_ros, "
+                              f"or rebuild it with: {model.training_command}")
+    return path
 
 
 def demo_weights() -> Path:
     """The bundled demo checkpoint (keep rate 0.25, Cityscapes classes, trained on synthetic drives)."""
-    path = asset_path(DEMO_WEIGHTS_NAME)
-    if not path.is_file():
-        raise CheckpointError(
-            f"the demo weights {path} are missing from this installation; reinstall icnet_ros, or rebuild "
-            f"them with: {DEMO_TRAINING_COMMAND}"
-        )
-    return path
+    return bundled_weights(DEMO)
+
+
+def camvid_weights() -> Path:
+    """The bundled CamVid checkpoint (keep rate 0.25, CamVid's 11 classes, trained on real driving frames)."""
+    return bundled_weights(CAMVID)
 
 
 def checkpoint_name(dataset: str, keep_rate: float) -> str:
@@ -76,14 +101,17 @@ def _by_name(model_dir: str, dataset: str, keep_rate: float) -> ResolvedCheckpoi
         if candidate.is_file():
             return ResolvedCheckpoint(candidate, is_demo=False)
         looked.append(str(candidate))
-    if dataset == DEMO_DATASET and float(keep_rate) == DEMO_KEEP_RATE:
-        return ResolvedCheckpoint(demo_weights(), is_demo=True)
+    for bundled in BUNDLED_MODELS:
+        if dataset == bundled.dataset and float(keep_rate) == bundled.keep_rate:
+            return ResolvedCheckpoint(bundled_weights(bundled), is_demo=bundled.synthetic)
     where = f"looked for {looked[0]}" if looked else "model and model_dir are empty"
+    shipped = ", ".join(f"{m.dataset} at {m.keep_rate:g}" for m in BUNDLED_MODELS)
+    hint = ("; for the authors' Cityscapes weights run icnet-import and put the result there"
+            if dataset == "cityscapes" else "")
     raise CheckpointError(
         f"no checkpoint for dataset {dataset} at keep rate {keep_rate:g} ({where}). Train one with "
         f"`icnet-train --dataset {dataset} keep_rate={keep_rate:g}` and copy its model.safetensors to "
-        f"<model_dir>/{name}, or pass model:=<file>. Bundled demo weights exist only for dataset "
-        f"{DEMO_DATASET} at keep rate {DEMO_KEEP_RATE:g}."
+        f"<model_dir>/{name}{hint}, or pass model:=<file>. Bundled models: {shipped}."
     )
 
 
