@@ -19,6 +19,9 @@ from icnet_ros.inference import SegmentationEngine, label_agreement, tensorrt
 from icnet_ros.inference import engine as engine_module
 from icnet_ros.inference.plan import Plan
 
+# torch.onnx's own deprecation warning inside the exporter (as in test_export.py)
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
 PLAN = Plan(batch=4, height=1024, width=2048, branch="sub124", precision="fp16", network_height=512,
             network_width=1024)
 

@@ -141,28 +141,16 @@ def cached_engine(folder: Path, key: EngineKey, build) -> bytes:
 
 
 # --- ONNX and the build -----------------------------------------------------------------------------
-class _BranchLogitsICNet(ICNet):
-    """ICNet whose eval forward returns the branch's low-resolution logits (branch_logits).
-
-    The exporter's graph ends in the network's forward, which upsamples to the input size; the engine
-    upsamples to the *frame* size itself (and exactly, on the device), so the TensorRT engine must stop
-    at the branch logits, as the torch backend's forward_logits does.
-    """
-
-    def forward(self, image: torch.Tensor, branch: str = "sub124"):
-        return self.branch_logits(image, branch)
-
-
 def export_branch_onnx(model: ICNet, path: Path, branch: str, height: int, width: int) -> Path:
-    """Our exporter's static-shape graph (normalization + folded network), ending at the branch logits.
+    """Our exporter's static-shape graph (normalization + folded network), ending at the branch logits:
+    the engine upsamples to the frame size itself (exactly, on the device), as forward_logits does.
 
     Input `image`: float32 (1, 3, height, width) RGB 0..255; output `logits`: (1, C, h, w).
     """
     from icnet_ros.model.export import export_onnx
 
     network = copy.deepcopy(model).to("cpu").eval()
-    network.__class__ = _BranchLogitsICNet
-    return export_onnx(network, Path(path), branch, height, width, dynamic=False)
+    return export_onnx(network, Path(path), branch, height, width, dynamic=False, full_resolution=False)
 
 
 def timing_cache_path(folder: Path, key: EngineKey) -> Path:

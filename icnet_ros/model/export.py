@@ -30,14 +30,19 @@ MAX_DYNAMIC_SIZE = 8192
 
 
 class InferenceGraph(nn.Module):
-    """Normalization + BN-folded ICNet + (optionally) argmax: what a deployment runtime executes."""
+    """Normalization + BN-folded ICNet + (optionally) argmax: what a deployment runtime executes.
 
-    def __init__(self, model: ICNet, branch: str = "sub124", labels: bool = False):
+    full_resolution False ends the graph at the branch's own low-resolution logits (H/4 for sub124),
+    for runtimes that upsample to the frame themselves, as the engine does.
+    """
+
+    def __init__(self, model: ICNet, branch: str = "sub124", labels: bool = False, full_resolution: bool = True):
         super().__init__()
         self.model = fold_batchnorm(model)
         self.model.check_finite = False
         self.branch = branch
         self.labels = labels
+        self.full_resolution = full_resolution
         mean, std = normalization_constants(model.config)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -46,12 +51,13 @@ class InferenceGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.flip:
             image = image.flip(1)
-        logits = self.model((image - self.mean) / self.std, self.branch)
+        x = (image - self.mean) / self.std
+        logits = self.model(x, self.branch) if self.full_resolution else self.model.branch_logits(x, self.branch)
         return logits.argmax(1) if self.labels else logits
 
 
 def export_onnx(model: ICNet, path: Path, branch: str, height: int, width: int, dynamic: bool = True,
-                labels: bool = False, opset: int = 18) -> Path:
+                labels: bool = False, opset: int = 18, full_resolution: bool = True) -> Path:
     """Export the inference graph to ONNX atomically; returns the path.
 
     A network with the released fixed pooling windows (imported Caffe weights) is exported at its
@@ -61,7 +67,7 @@ def export_onnx(model: ICNet, path: Path, branch: str, height: int, width: int, 
         raise ValueError("this network's pyramid pooling windows are fixed for one feature size (released "
                          "Caffe weights): export it with --static at its input size, e.g. --height "
                          f"{(model.config.input_size or (1025, 2049))[0]} --width {(model.config.input_size or (1025, 2049))[1]}")
-    graph = InferenceGraph(model, branch, labels).eval()
+    graph = InferenceGraph(model, branch, labels, full_resolution).eval()
     example = torch.rand(1, 3, height, width) * 255
     dynamic_shapes = None
     if dynamic:
