@@ -100,6 +100,12 @@ class FrameProcessor:
         self.log = log or (lambda kind, text: None)
         self.demand = demand
 
+    @property
+    def pipelined(self) -> bool:
+        """True when engine.submit returns before the work is done (CUDA): then one frame is kept in flight."""
+        device = getattr(self.engine, "device", None)
+        return getattr(device, "type", "cpu") == "cuda"
+
     def wanted_outputs(self, camera: int, config: NodeConfig) -> tuple[str, ...]:
         """The image outputs of `camera` that are enabled and have a subscriber right now."""
         return tuple(name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name]) and self.demand(camera, name))

@@ -96,8 +96,12 @@ class SegmentationSession:
     def start(self) -> None:
         """Activate: fresh buffers (a closed one stays closed) and the two worker threads."""
         self._frames, self._results = LatestFrameBuffer(self._cameras), LatestFrameBuffer(self._cameras)
-        self._workers = [BufferWorker("segmentation", self._frames, self.processor.start, self.log,
-                                      finish=self.processor.finish),
+        if self.processor.pipelined:  # one frame in flight: the next upload overlaps this compute
+            segmentation = BufferWorker("segmentation", self._frames, self.processor.start, self.log,
+                                        finish=self.processor.finish)
+        else:  # submit does all the work on a CPU: finishing later would only add a frame of latency
+            segmentation = BufferWorker("segmentation", self._frames, self.processor.process, self.log)
+        self._workers = [segmentation,
                          BufferWorker("publishing", self._results, self.publisher.publish_frames, self.log)]
         for worker in self._workers:
             worker.start()
