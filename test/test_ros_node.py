@@ -7,6 +7,7 @@ handling itself is tested without ROS in test_node_pipeline.py.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -54,12 +55,13 @@ def _node(*parameters, **options):
     return node
 
 
-@pytest.fixture
-def ros():
+@contextlib.contextmanager
+def _running(make_node):
+    """(node, probe, executor) with rclpy initialized, all torn down afterwards."""
     rclpy.init()
     node = probe = executor = None
     try:
-        node = _node()
+        node = make_node()
         probe = rclpy.create_node("icnet_test_probe")
         executor = SingleThreadedExecutor()
         executor.add_node(node)
@@ -74,6 +76,12 @@ def ros():
         if probe is not None:
             probe.destroy_node()
         rclpy.try_shutdown()
+
+
+@pytest.fixture
+def ros():
+    with _running(_node) as running:
+        yield running
 
 
 def _collect(probe, topic, msg_type, qos=10):
@@ -247,29 +255,18 @@ def test_lifecycle_deactivate_stops_and_cleanup_frees_then_the_node_comes_back(r
 
 
 def test_topics_are_relative_to_the_namespace_and_follow_remapping():
-    rclpy.init()
-    node = probe = None
-    try:
+    def robot1_node():
         node = SegmentationNode(namespace="/robot1", cli_args=["--ros-args", "-r", "image:=/cams/front/image_raw"],
                                 parameter_overrides=[Parameter("device", Parameter.Type.STRING, "cpu")])
         assert node.config.image_topics == ["image"] and node.start(), node.failure
-        probe = rclpy.create_node("icnet_namespace_probe")
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        executor.add_node(probe)
+        return node
+
+    with _running(robot1_node) as (_node_, probe, executor):
         labels = _collect(probe, "/robot1/segmentation/labels", Image)
         camera = probe.create_publisher(Image, "/cams/front/image_raw", 10)
         _spin_until(executor, lambda: camera.get_subscription_count() > 0)
         _publish_until(executor, camera, _camera_image(), lambda: labels)
         assert labels[0].header.frame_id == "test_camera"
-        executor.shutdown()
-    finally:
-        if node is not None:
-            node.close()
-            node.destroy_node()
-        if probe is not None:
-            probe.destroy_node()
-        rclpy.try_shutdown()
 
 
 def _run_node(*ros_args, wait_for=None, timeout=120):
