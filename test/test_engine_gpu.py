@@ -142,8 +142,13 @@ def test_a_capture_that_fails_falls_back_to_eager_once(model, monkeypatch, caplo
     engine = SegmentationEngine(model, device="cuda:0", backend="torch", precision="fp32")
     eager = SegmentationEngine(model, device="cuda:0", backend="torch", precision="fp32", cuda_graphs=False)
     pool = frames(5, seed=3)
-    with caplog.at_level(logging.WARNING, logger="icnet_ros.inference.graphs"):
-        results = [engine.segment(frame, color=True) for frame in pool]
+    graphs_log = logging.getLogger("icnet_ros.inference.graphs")
+    graphs_log.addHandler(caplog.handler)  # under a sourced ROS 2 `launch` stops loggers propagating to root
+    try:
+        with caplog.at_level(logging.WARNING, logger="icnet_ros.inference.graphs"):
+            results = [engine.segment(frame, color=True) for frame in pool]
+    finally:
+        graphs_log.removeHandler(caplog.handler)
     assert len(attempts) == 1 and len(engine.graph_cache.failures()) == 1
     assert len([r for r in caplog.records if "runs eagerly" in r.getMessage()]) == 1
     for frame, seg in zip(pool, results):

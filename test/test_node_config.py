@@ -114,4 +114,7 @@ def test_a_checkpoint_that_does_not_fit_the_settings_is_refused(tmp_path):
 
 
 def test_params_file_is_found_in_the_share_folder():
-    assert default_params_file() == Path(__file__).resolve().parents[1] / "config" / "segment.yaml"
+    """The source tree's file, or the installed copy of it (colcon test runs against the install)."""
+    found = default_params_file()
+    assert found.name == "segment.yaml" and found.parent.name == "config"
+    assert found.read_bytes() == (Path(__file__).resolve().parents[1] / "config" / "segment.yaml").read_bytes()
