@@ -342,3 +342,27 @@ def test_rviz_asked_for_where_it_is_not_installed_starts_nothing():
     output = launch.communicate(timeout=120)[0]
     assert launch.returncode != 0 and "rviz2, which is not installed" in output, output
     assert not _our_processes(), output
+
+
+@pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
+def test_a_users_parameter_file_is_not_overridden_by_launch_defaults(tmp_path):
+    """The first real run: params_file:= with branch: sub4 gave a node running sub124."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("/**:\n  ros__parameters:\n    branch: sub4\n    device: cpu\n    publish_overlay: false\n")
+    launch = _ros2_launch(f"params_file:={mine}", "image_topic:=/params_cam/image_raw")
+    output, deadline = "", time.monotonic() + 240
+    try:
+        while "segmenting /params_cam/image_raw" not in output:
+            assert time.monotonic() < deadline and launch.poll() is None, output
+            output += launch.stdout.readline()
+        command = ["ros2", "param", "get", "--no-daemon", "/params_cam/icnet_segmentation"]
+        values = {name: subprocess.run([*command, name], capture_output=True, text=True, timeout=60,
+                                       check=False).stdout.strip()
+                  for name in ("branch", "device", "publish_overlay", "keep_rate")}
+    finally:
+        os.killpg(launch.pid, signal.SIGINT)
+        output += launch.communicate(timeout=60)[0]
+    assert values["branch"] == "String value is: sub4", values
+    assert values["device"] == "String value is: cpu" and values["publish_overlay"] == "Boolean value is: False"
+    assert values["keep_rate"] == "Double value is: 0.25"  # neither file nor argument: the node's default
+    assert launch.returncode == 0, output
