@@ -80,3 +80,20 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
         save_model(path, trained_bn_model(num_classes=3))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+
+
+def test_a_checkpoint_stored_in_fp16_loads_into_the_float32_model(tmp_path):
+    from icnet_ros.model.checkpoint import main
+
+    model = trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid")
+    source = save_model(tmp_path / "fp32.safetensors", model, {"iteration": 3})
+    assert main([str(source), str(tmp_path / "fp16.safetensors"), "--fp16"]) == 0
+    _config, state, provenance = read_checkpoint(tmp_path / "fp16.safetensors")
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert provenance["iteration"] == 3 and provenance["stored_as"] == "float16"
+    half = load_model(tmp_path / "fp16.safetensors")
+    assert next(half.parameters()).dtype == torch.float32
+    assert (tmp_path / "fp16.safetensors").stat().st_size < 0.6 * source.stat().st_size
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(half(x), model(x), atol=5e-2)

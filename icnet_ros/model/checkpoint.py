@@ -24,10 +24,17 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt, or does not fit what the caller needs."""
 
 
-def save_model(path: str | Path, model: ICNet, provenance: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s weights and configuration to a safetensors file, atomically."""
+def save_model(path: str | Path, model: ICNet, provenance: dict[str, Any] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write `model`'s weights and configuration to a safetensors file, atomically.
+
+    dtype (e.g. torch.float16) stores the floating-point tensors narrower, halving a shipped file;
+    load_model casts them back into the float32 model.
+    """
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "model_config": json.dumps(config_to_dict(model.config)),
@@ -87,3 +94,29 @@ def load_model(path: str | Path, expected_num_classes: int | None = None,
 
 def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
     return read_checkpoint(path)[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m icnet_ros.model.checkpoint IN OUT --fp16`: a copy of a checkpoint stored in fp16."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m icnet_ros.model.checkpoint", description=main.__doc__)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("target", type=Path)
+    parser.add_argument("--fp16", action="store_true", help="store the floating-point tensors as float16")
+    args = parser.parse_args(argv)
+    try:
+        provenance = read_checkpoint(args.source)[2]
+        model = load_model(args.source)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    provenance = {**provenance, "stored_as": "float16" if args.fp16 else "float32", "converted_from": args.source.name}
+    save_model(args.target, model, provenance, torch.float16 if args.fp16 else None)
+    print(f"wrote {args.target} ({args.target.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
