@@ -8,6 +8,25 @@ from pathlib import Path
 from typing import Iterator
 
 
+
+def _current_umask() -> int:
+    """The process umask, read from /proc where it can be: setting it to read it back (the only
+    portable way) briefly changes it for every thread of the process."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# mkstemp creates its file 0600; a file written in place would get 0666 minus the umask, and
+# outputs (checkpoints, label images) are meant to be read by other users, e.g. a node's service
+# account.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the destination's folder; on success, fsync and rename it into place.
@@ -25,6 +44,7 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, destination)
         _fsync_dir(destination.parent)
     finally:

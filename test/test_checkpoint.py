@@ -1,5 +1,6 @@
 """Checkpoints: one safetensors file rebuilds the model; bad files get clear errors; writes are atomic."""
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -97,3 +98,12 @@ def test_a_checkpoint_stored_in_fp16_loads_into_the_float32_model(tmp_path):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert torch.allclose(half(x), model(x), atol=5e-2)
+
+
+def test_a_written_checkpoint_is_readable_by_other_users_as_umask_allows(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "model.safetensors"
+    save_model(path, trained_bn_model(keep_rate=0.25))
+    # a node running under another account must be able to read what the trainer wrote
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

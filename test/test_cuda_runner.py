@@ -192,7 +192,7 @@ def test_graph_path_results_equal_the_eager_runner(fake_cuda, engine):
         work, _ = run(runner, engine, frame, outputs, order)
         host, timings = runner.collect(work)
         assert_same(host, expected(engine, frame, outputs, order), outputs)
-        assert timings.forward_ms >= 0 and timings.total_ms > 0
+        assert 0 < timings.forward_ms <= timings.total_ms  # the forward is timed, and within the frame
     entry = runner.cache.peek(engine._plan(pool[0], "rgb", True, False, False)[2])
     assert entry.forward_graph and entry.state.forward_graph.replays >= 4  # the graphs really replayed
     assert runner.cache.failures() == {}

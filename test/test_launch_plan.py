@@ -70,6 +70,22 @@ def test_a_users_parameter_file_is_not_overridden_by_launch_defaults(tmp_path):
     assert given.node_parameters == {"branch": "sub24", "autostart": False}  # only what the user gave
 
 
+def test_a_parameter_file_may_set_use_sim_time_and_the_bag_then_plays_the_clock(tmp_path):
+    """use_sim_time is rclpy's own parameter, not the node's: a file setting it is valid, and it counts."""
+    bag = tmp_path / "drive"
+    bag.mkdir()
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"use_sim_time": True, "device": "cpu"}}}))
+    result = plan({"params_file": str(mine), "bag": str(bag)})
+    assert result.use_sim_time and result.bag_command[-2:] == ["--clock", "40"]
+    assert "use_sim_time" not in result.node_parameters  # the node reads it from the file
+    assert not plan({"params_file": str(mine), "bag": str(bag), "use_sim_time": "false"}).use_sim_time
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"use_sim_tme": True}}}))
+    with pytest.raises(ConfigError, match="use_sim_tme"):  # a typo is still named
+        plan({"params_file": str(mine)})
+
+
 def test_arguments_the_user_gives_become_node_parameters():
     result = plan({"dataset": "camvid", "compression": "1.0", "branch": "sub4", "device": "cpu",
                    "model": "/models/camvid.safetensors", "input_transport": "compressed", "use_sim_time": "true"})

@@ -615,7 +615,7 @@ def test_slow_publishing_does_not_delay_the_next_frame(engine):
                                   everyone_listens, Clock(), LogThrottle(lambda text: None, 5.0),
                                   reuse_messages=False)
     assert not session.processor.pipelined  # on a CPU submit does the work: nothing is kept in flight
-    session.start()
+    session.start(Clock()())
     try:
         for seed in range(4):
             session.frame_arrived(0, image_message(frame_pixels(40 + seed)), False, Clock()())
@@ -667,3 +667,76 @@ def test_an_engine_failure_when_the_results_are_collected_is_reported(engine):
     assert engine.collect == original
     assert result.outcome == "failed" and rig.outputs(0) == {}
     assert rig.health.camera_report(0, rig.clock(), Thresholds()).level == ERROR
+
+
+def test_a_worker_stopped_with_a_frame_in_flight_finishes_it():
+    """Deactivating while a camera streams must not lose the frame the GPU is computing."""
+    buffer, events = LatestFrameBuffer(1), []
+
+    def start(items):
+        events.append(("start", items[0].message))
+        buffer.close()  # the stop arrives while this frame is being started
+        return items[0].message
+
+    worker = BufferWorker("segmentation", buffer, start, poll_s=0.01, finish=lambda frame: events.append(("finish", frame)))
+    buffer.put(IncomingFrame(0, 7, False, 0))
+    worker.start()
+    assert worker.stop(5.0)
+    assert events == [("start", 7), ("finish", 7)]
+
+
+def _session(engine, publish, config=None):
+    from icnet_ros.ros.session import SegmentationSession
+
+    config = config or NodeConfig(image_topics=["front/image"], device="cpu", dataset="camvid")
+    return SegmentationSession(engine, config, "test.safetensors", rosbags_message_types(), publish,
+                               everyone_listens, Clock(), LogThrottle(lambda text: None, 5.0), reuse_messages=False)
+
+
+def test_an_activate_after_a_deactivate_warms_the_engine_up_again(engine, monkeypatch):
+    """Deactivate releases the engine's prepared graphs; the first frame after the next activate
+    must be as fast as the rest, so the warm-up size is prepared again before subscribing."""
+    prepared = []
+    monkeypatch.setattr(engine, "prepare", lambda height, width, **kwargs: prepared.append((height, width)))
+    config = NodeConfig(image_topics=["front/image"], device="cpu", dataset="camvid", warmup_height=48, warmup_width=64)
+    session = _session(engine, lambda *args: None, config)
+    session.start(Clock()())  # create_engine prepared it at configure: nothing to do
+    assert prepared == []
+    assert session.stop(5.0)
+    session.start(Clock()())
+    assert prepared == [(48, 64), (48, 64)]  # rgb and bgr frames
+    assert session.stop(5.0)
+
+
+def test_activation_is_refused_while_a_worker_of_the_last_one_still_runs(engine):
+    """Two threads must never drive one engine: a worker that outlived the stop timeout blocks start()."""
+    release = threading.Event()
+    session = _session(engine, lambda camera, name, message: release.wait(10))
+    session.start(Clock()())
+    try:
+        session.frame_arrived(0, image_message(frame_pixels(60)), False, Clock()())
+        _wait_for(lambda: session.health.cameras[0].processed == 0 and session.frames_waiting() == 0)
+        time.sleep(0.2)  # the publisher is now stuck in its first publish()
+        assert not session.stop(0.05) and session.running
+        with pytest.raises(RuntimeError, match="previous activation"):
+            session.start(Clock()())
+    finally:
+        release.set()
+    _wait_for(lambda: not session.running)
+    assert session.stop(5.0)
+    session.start(Clock()())
+    assert session.running and session.stop(5.0)
+
+
+def test_frames_sent_while_the_node_was_inactive_are_not_counted_as_missing():
+    clock = Clock()
+    health = HealthMonitor(["/cam/image_raw"], clock())
+    for index in range(20):  # 10 Hz
+        clock.advance(0.1)
+        health.frame_received(0, clock(), False, STAMP_NS + index * 100_000_000)
+    clock.advance(30.0)  # deactivated for 30 s while the camera went on
+    health.activated(clock())
+    report = health.camera_report(0, clock(), Thresholds(stall_timeout_s=2.0))
+    assert report.level == WARN and "waiting for the first image" in report.message
+    health.frame_received(0, clock(), False, STAMP_NS + 320 * 100_000_000)
+    assert health.counts(0).missing == 0 and health.cameras[0].received == 21

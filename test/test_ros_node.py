@@ -267,6 +267,22 @@ def test_topics_are_relative_to_the_namespace_and_follow_remapping():
         _spin_until(executor, lambda: camera.get_subscription_count() > 0)
         _publish_until(executor, camera, _camera_image(), lambda: labels)
         assert labels[0].header.frame_id == "test_camera"
+        # image_transport's convention: camera_info beside the remapped image topic
+        assert probe.count_subscribers("/cams/front/camera_info") == 1
+
+
+def test_compressed_input_follows_the_remapped_image_topic():
+    """A remap rule for `image` does not match `image/compressed`: the node derives it from the remapped name."""
+    def compressed_node():
+        node = SegmentationNode(namespace="/robot1", cli_args=["--ros-args", "-r", "image:=/cams/front/image_raw"],
+                                parameter_overrides=[Parameter("device", Parameter.Type.STRING, "cpu"),
+                                                     Parameter("input_transport", Parameter.Type.STRING, "compressed")])
+        assert node.start(), node.failure
+        return node
+
+    with _running(compressed_node) as (_node_, probe, executor):
+        _spin_until(executor, lambda: probe.count_subscribers("/cams/front/image_raw/compressed") == 1)
+        assert probe.count_subscribers("/robot1/image/compressed") == 0
 
 
 def _run_node(*ros_args, wait_for=None, timeout=120):

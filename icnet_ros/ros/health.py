@@ -113,6 +113,14 @@ class HealthMonitor:
         self._lock = threading.Lock()
 
     # --- events ---------------------------------------------------------------------------------
+    def activated(self, now_ns: int) -> None:
+        """A new activation: wait for a first frame again, and do not count the frames a camera sent
+        while the node was inactive as missing. Counters go on from the previous activation."""
+        with self._lock:
+            self.started_ns = now_ns
+            for stats in self.cameras:
+                stats.last_received_ns = stats.last_stamp_ns = None
+
     def frame_received(self, camera: int, now_ns: int, replaced_unprocessed: bool,
                        stamp_ns: int | None = None) -> None:
         with self._lock:

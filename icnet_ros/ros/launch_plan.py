@@ -93,13 +93,10 @@ class LaunchPlan:
     remappings: list[tuple[str, str]] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)  # for the node and the bag player
     autostart: bool = True
+    use_sim_time: bool = False  # the launch argument, else the parameter file's value
     rviz_config: Path | None = None
     bag_command: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # said by the launch file before it starts anything
-
-    @property
-    def use_sim_time(self) -> bool:
-        return bool(self.node_parameters.get("use_sim_time", False))
 
 
 def parse_bool(name: str, text: str) -> bool:
@@ -136,10 +133,11 @@ def plan_launch(values: dict[str, str], rviz_dir: Path | None = None,
     parameters = _given_parameters(values)
     parameters["autostart"] = False  # the launch file drives configure and activate (or a lifecycle manager)
     _check_image_topic(params_file, image_topic)
-    # fails here, naming the bad value, before anything starts (use_sim_time is rclpy's own parameter)
-    load_node_config(params_file, {k: v for k, v in parameters.items() if k != "use_sim_time"})
+    load_node_config(params_file, parameters)  # fails here, naming the bad value, before anything starts
     namespace = values["namespace"] or (posixpath.dirname(image_topic) if image_topic.startswith("/") else "")
-    plan = LaunchPlan(params_file, parameters, namespace, autostart=parse_bool("autostart", values["autostart"]))
+    use_sim_time = parameters.get("use_sim_time", read_ros_parameters(params_file).get("use_sim_time", False))
+    plan = LaunchPlan(params_file, parameters, namespace, autostart=parse_bool("autostart", values["autostart"]),
+                      use_sim_time=bool(use_sim_time))
     if image_topic:
         plan.remappings.append((DEFAULT_IMAGE_NAME, image_topic))
     _plan_dds(plan, values["dds_config"], environ)

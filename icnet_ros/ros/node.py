@@ -125,16 +125,20 @@ class SegmentationNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
-        result = super().on_activate(state)  # enables the lifecycle publishers first
+        try:  # the workers first: a refusal must leave nothing half-activated
+            self.session.start(self._now_ns())
+        except RuntimeError as error:
+            self.get_logger().error(f"cannot activate: {error}")
+            return TransitionCallbackReturn.FAILURE
+        result = super().on_activate(state)  # enables the lifecycle publishers
         self._publish_label_info()
-        transport = self.config.input_transport
         for index, topic in enumerate(self.config.image_topics):
             self._camera_subscriptions.append(self._subscribe_images(index, topic))
             self._camera_subscriptions.append(self.create_subscription(
-                CameraInfo, camera_info_topic(topic), partial(self.session.camera_info_arrived, index),
-                CAMERA_INFO_QOS))
-        self.session.start()
-        inputs = [self.resolve_topic_name(subscription_topic(topic, transport)) for topic in self.config.image_topics]
+                CameraInfo, camera_info_topic(self._camera_topic(topic)),
+                partial(self.session.camera_info_arrived, index), CAMERA_INFO_QOS))
+        inputs = [subscription_topic(self._camera_topic(topic), self.config.input_transport)
+                  for topic in self.config.image_topics]
         self.get_logger().info(f"segmenting {', '.join(inputs)}; outputs under "
                                f"{', '.join(self.resolve_topic_name(output_topics(t)['labels']).rsplit('/', 1)[0] for t in self.config.image_topics)}")
         return result
@@ -242,8 +246,13 @@ class SegmentationNode(LifecycleNode):
                          reliability=RELIABILITY[self.config.input_qos_reliability],
                          durability=DurabilityPolicy.VOLATILE)
         return self.create_subscription(CompressedImage if compressed else Image,
-                                        subscription_topic(topic, self.config.input_transport),
+                                        subscription_topic(self._camera_topic(topic), self.config.input_transport),
                                         partial(self._on_image, index, compressed), qos)
+
+    def _camera_topic(self, topic: str) -> str:
+        """The image topic after namespace and remapping: `image/compressed` and `camera_info` are
+        derived from it (as image_transport does), since a remap rule for `image` matches only `image`."""
+        return self.resolve_topic_name(topic)
 
     def _on_image(self, camera: int, compressed: bool, message) -> None:
         """Executor thread: keep the newest message only; the workers do everything else."""
@@ -299,6 +308,9 @@ class SegmentationNode(LifecycleNode):
         session = self.session
         if session is None:
             status.summary(DiagnosticStatus.WARN, "not configured")
+            return status
+        if not session.running:  # configured or deactivated: no input is expected
+            status.summary(DiagnosticStatus.WARN, "inactive (activate the node to segment)")
             return status
         report = session.health.camera_report(camera, self._now_ns(), Thresholds.from_config(self.config))
         status.summary(DIAGNOSTIC_LEVELS[report.level], report.message)

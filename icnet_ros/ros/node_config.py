@@ -40,7 +40,8 @@ def _field(default: Any, description: str, *, dynamic: bool = False, choices: tu
 class NodeConfig:
     # --- model -------------------------------------------------------------------------------------
     model: str = _field("", "Checkpoint file (.safetensors). Empty: <model_dir>/icnet_<dataset>_keep<keep_rate>"
-                        ".safetensors, or the bundled demo weights for cityscapes at keep rate 0.25.")
+                        ".safetensors, or at keep rate 0.25 a bundled model: the CamVid model (real streets) "
+                        "for camvid, the synthetic demo weights for cityscapes.")
     model_dir: str = _field("", "Folder of checkpoints named icnet_<dataset>_keep<keep_rate>.safetensors, "
                             "searched when model is empty.")
     dataset: Literal["cityscapes", "camvid", "cocostuff"] = _field(
@@ -212,11 +213,19 @@ def read_ros_parameters(path: str | Path, node_name: str = NODE_NAME) -> dict[st
     return merged
 
 
+# Parameters every rclpy node has (not ours): a parameter file may set them beside the node's own.
+RCLPY_PARAMETERS = ("use_sim_time", "qos_overrides", "start_type_description_service")
+
+
 def load_node_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
-    """NodeConfig from a ROS parameter file (default config/segment.yaml), then `overrides`."""
+    """NodeConfig from a ROS parameter file (default config/segment.yaml), then `overrides`.
+
+    rclpy's own parameters (RCLPY_PARAMETERS) are skipped; any other unknown key is an error.
+    """
     path = default_params_file() if path is None else Path(path)
     values = read_ros_parameters(path)
     values.update(overrides or {})
+    values = {name: value for name, value in values.items() if name not in RCLPY_PARAMETERS}
     return node_config_from_dict(values, str(path))
 
 

@@ -4,8 +4,8 @@ Runs the node's FrameProcessor and OutputPublisher with an engine stand-in that 
 precomputed outputs instantly, so what is timed is exactly the node's own work per frame:
 converting the input message, building the labels / color / overlay Image messages and the timing
 message, and handing them to publish. Messages are built as rclpy builds them (data as
-array.array('B'), one copy) and, for comparison, as rosbags classes; `--serialize` adds rosbags'
-CDR serialization of the outputs, a stand-in for the serialization rclpy does inside publish().
+array.array('B'), one copy) and, for comparison, as rosbags classes, each with and without rosbags'
+CDR serialization of the outputs (a stand-in for the serialization rclpy does inside publish()).
 
 With --checkpoint, the whole node path with the real engine instead: the node's two threads
 (segmentation, publishing) fed as fast as they take frames, reporting throughput and per-frame
@@ -218,9 +218,13 @@ def measure_node_path(engine: Any, kind: str, height: int, width: int, frames: i
 
     session = SegmentationSession(engine, config, checkpoint, message_types, publish, everyone_listens,
                                   time.time_ns, LogThrottle(print, 5.0))
-    session.start()
+    session.start(time.time_ns())
     try:
         while len(timings) < frames + 2:  # keep a frame waiting: the camera is never the bottleneck
+            stats = session.health.cameras[0]
+            if stats.failed or stats.malformed:  # such frames publish no timing: it would wait forever
+                raise RuntimeError(f"the node path failed on this input ({stats.failed} engine failures, "
+                                   f"{stats.malformed} malformed): {stats.last_problem}")
             if session.frames_waiting() == 0:
                 session.frame_arrived(0, message, compressed, time.time_ns())
             time.sleep(0.0001)

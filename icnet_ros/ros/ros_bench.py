@@ -43,11 +43,14 @@ RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=
 class NodeProcess:
     """The segmentation node in a process of its own, with RSS and thread counts read from /proc."""
 
+    started: list[NodeProcess] = []  # ended by main() whatever happens: a node left behind may hold a GPU
+
     def __init__(self, node_arguments: list[str], environment: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "icnet_ros.ros.node", "--ros-args", "-r", f"image:={CAMERA_TOPIC}",
                    "-r", "__ns:=/bench_cam", *node_arguments]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, **(environment or {})})
+        NodeProcess.started.append(self)
         self.log: list[str] = []
         # drain the node's output all along: a full pipe would block the node mid-run
         self._reader = threading.Thread(target=lambda: self.log.extend(iter(self.process.stdout.readline, "")),
@@ -77,6 +80,16 @@ class NodeProcess:
         code = self.process.wait(timeout=timeout_s)
         self._reader.join(5.0)
         return code, time.monotonic() - start
+
+    def end(self, timeout_s: float = 10.0) -> None:
+        """Stop the node if it still runs (a benchmark that failed half-way): SIGINT, then SIGKILL."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 class Bench:
@@ -264,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {"publish-cost": publish_cost, "dds-loss": dds_loss, "soak": soak}[args.command](args, node_arguments)
     finally:
+        for node in NodeProcess.started:
+            node.end()
         rclpy.try_shutdown()
     text = json.dumps(result, indent=2)
     print(text)

@@ -56,11 +56,17 @@ def create_engine(config: NodeConfig) -> tuple[SegmentationEngine, ResolvedCheck
         checkpoint.path, device=config.device, branch=config.branch, precision=config.precision,
         threads=config.cpu_threads or None, alpha=config.overlay_alpha, backend=config.backend)
     engine.input_size = parse_input_size(config.input_size, engine.config.input_size)
+    warm_up(engine, config)
+    return engine, checkpoint
+
+
+def warm_up(engine: SegmentationEngine, config: NodeConfig) -> None:
+    """Prepare the engine for warmup_height x warmup_width (when given), so the first frame is as
+    fast as the rest: at configure, and again at an activate after a deactivate released it."""
     if config.warmup_height and config.warmup_width:
         outputs = [name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name])]
         for channel_order in ("rgb", "bgr"):  # the camera's encoding decides which one its frames use
             engine.prepare(config.warmup_height, config.warmup_width, channel_order=channel_order, outputs=outputs)
-    return engine, checkpoint
 
 
 class SegmentationSession:
@@ -80,6 +86,7 @@ class SegmentationSession:
         self._cameras = len(topics)
         self._frames = self._results = None
         self._workers: list[BufferWorker] = []
+        self._engine_released = False  # by a deactivate: warm up again at the next activate
 
     # --- callbacks (executor thread) --------------------------------------------------------------
     def frame_arrived(self, camera: int, message: Any, compressed: bool, now_ns: int) -> None:
@@ -93,8 +100,19 @@ class SegmentationSession:
         self.camera_infos.put(camera, message)
 
     # --- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Activate: fresh buffers (a closed one stays closed) and the two worker threads."""
+    def start(self, now_ns: int) -> None:
+        """Activate: fresh buffers (a closed one stays closed) and the two worker threads.
+
+        Refused while a worker of the previous activation is still running (it outlived the stop
+        timeout inside a long frame): two threads must never drive one engine.
+        """
+        if self.running:
+            raise RuntimeError("a worker of the previous activation is still running (a frame took longer "
+                               "than the stop timeout); activate again once it has ended")
+        if self._engine_released:
+            warm_up(self.engine, self.processor.config)
+            self._engine_released = False
+        self.health.activated(now_ns)
         self._frames, self._results = LatestFrameBuffer(self._cameras), LatestFrameBuffer(self._cameras)
         if self.processor.pipelined:  # one frame in flight: the next upload overlaps this compute
             segmentation = BufferWorker("segmentation", self._frames, self.processor.start, self.log,
@@ -111,9 +129,11 @@ class SegmentationSession:
         (the engine stays usable for a later activate); True when both threads ended."""
         self._frames = None
         ended = [worker.stop(timeout_s) for worker in self._workers]
-        self._workers = []
-        if all(ended):
+        # a thread that did not end keeps its place: `running` stays true and start() refuses
+        self._workers = [worker for worker, done in zip(self._workers, ended) if not done]
+        if not self._workers:
             self.engine.close()
+            self._engine_released = True
         return all(ended)
 
     def frames_waiting(self) -> int:

@@ -53,6 +53,8 @@ class BufferWorker:
             if in_flight is not None:
                 self._call(self.finish, in_flight)
             in_flight = started if self.finish is not None else None
+        if in_flight is not None:  # stopped with a batch started: complete it, a frame is never lost
+            self._call(self.finish, in_flight)
 
     def _call(self, function: Callable[[Any], Any], argument: Any) -> Any:
         try:
