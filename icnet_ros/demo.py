@@ -33,7 +33,8 @@ import numpy as np
 
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import load_class_map
-from icnet_ros.model.registry import DEMO_DATASET, camvid_weights, demo_weights
+from icnet_ros.model.checkpoint import CheckpointError
+from icnet_ros.model.registry import CAMVID, DEMO_DATASET, camvid_weights, demo_weights
 
 DRIVE_VERSION = 1  # bump when the drive's recipe changes, so stale caches are not reused
 DRIVE_SEED = 99_991  # a street no training scene of config/train/demo.yaml uses
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except CheckpointError as error:  # a bundled model missing from a broken installation
+        print(f"icnet-demo: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.bag_path:
         print(ensure_demo_bag())
         return 0
@@ -197,8 +206,8 @@ def _segment_photos(args: argparse.Namespace, offline) -> int:
         segment_args += ["--threads", str(args.threads)]
     status = offline.main(segment_args)
     if status == 0:
-        print(f"camera | overlay pictures: {args.out / 'side_by_side'} (bundled CamVid model: sky, building, "
-              "pole, road, sidewalk, tree, sign, fence, car, pedestrian, bicyclist)")
+        classes = ", ".join(load_class_map(CAMVID.dataset).names)
+        print(f"camera | overlay pictures: {args.out / 'side_by_side'} (bundled CamVid model: {classes})")
     return status
 
 

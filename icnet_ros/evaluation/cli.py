@@ -1,6 +1,6 @@
 """`icnet-evaluate` / `ros2 run icnet_ros evaluate`: mIoU, per-class IoU and pixel accuracy per branch.
 
-    icnet-evaluate runs/camvid/model.safetensors --dataset camvid --data-root ../shared/data/CamVid \\
+    icnet-evaluate runs/camvid/model.safetensors --dataset camvid --data-root /data/CamVid \\
         --split test --json camvid_test.json
     icnet-evaluate model.safetensors --dataset cityscapes --data-root /data/cityscapes --split val \\
         --predictions results/   # official label-id PNGs, for cityscapesScripts or the test server

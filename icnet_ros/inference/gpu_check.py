@@ -5,9 +5,9 @@ TensorRT engine with --backend tensorrt) against the unfolded eager model in fp3
 the nine Cityscapes frames; the target is >= 99.5% of pixels with equal labels. On a CPU it compares
 the fp32 engine with the eager model (expect 100%).
 
-    python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --checkpoint model.safetensors
-    python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --checkpoint m.safetensors --backend tensorrt
-    python -m icnet_ros.inference.gpu_check ../shared/data/cityscapes_val9 --device cpu
+    python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --checkpoint model.safetensors
+    python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --checkpoint m.safetensors --backend tensorrt
+    python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --device cpu
 
 Exit status 0 when the overall agreement reaches --target, 1 when it does not, 2 for bad input.
 """
@@ -84,7 +84,7 @@ def check(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m icnet_ros.inference.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="folder of frames, e.g. ../shared/data/cityscapes_val9")
+    parser.add_argument("folder", type=Path, help="folder of frames, e.g. /data/cityscapes_val9")
     parser.add_argument("--glob", default="*_src.png", help="which files are frames (default: *_src.png)")
     parser.add_argument("--checkpoint", type=Path, help="weights (default: random, BatchNorm calibrated)")
     parser.add_argument("--device", default="auto")

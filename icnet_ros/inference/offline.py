@@ -9,7 +9,7 @@ written atomically. Unreadable inputs (a corrupt image, video or bag, a malforme
 skipped with a warning and counted; the run fails only when nothing could be read.
 
 Examples:
-  icnet-segment model.safetensors ../shared/data/cityscapes_val9 --out results/val9
+  icnet-segment model.safetensors frames/ --out results/val9
   icnet-segment model.safetensors drive.mp4 --out results/drive --overlay-video results/drive.mp4
   icnet-segment model.safetensors bags/drive --topic /camera/image_raw --out results/bag \\
       --out-bag results/drive_segmented --label-format dataset

@@ -1,6 +1,7 @@
 """ICNet (Zhao et al., ECCV 2018) as in the authors' released network, with the width as a parameter.
 
-Shapes are for an input of H x W; see ../shared/ICNET_SPEC.md for the layer table this follows.
+Shapes are for an input of H x W; the layer table follows the paper, its supplementary
+material and the authors' released prototxt (hszhao/ICNet, evaluation/prototxt).
 
     image ───────────────► sub1: 3 convs s2 ──────────────────────────► F_sub1 (H/8)
       │ half                                                               │

@@ -1,6 +1,6 @@
 """`icnet-train` / `ros2 run icnet_ros train`: train ICNet from a YAML configuration.
 
-    icnet-train --config config/train/camvid.yaml data_root=../shared/data/CamVid iterations=2000
+    icnet-train --config config/train/camvid.yaml data_root=/data/CamVid iterations=2000
     icnet-train --dataset cityscapes data_root=/data/cityscapes            # config/train/cityscapes.yaml
     icnet-train --config config/train/synthetic.yaml --resume              # continue a killed run
     torchrun --nproc_per_node 4 -m icnet_ros.training.cli --dataset cityscapes data_root=...
