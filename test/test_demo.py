@@ -11,7 +11,7 @@ from icnet_ros import demo
 from icnet_ros.bags.io import iter_image_messages
 from icnet_ros.classmap import load_class_map
 from icnet_ros.model.checkpoint import read_checkpoint
-from icnet_ros.model.registry import DEMO_KEEP_RATE, demo_weights
+from icnet_ros.model.registry import DEMO_KEEP_RATE, camvid_weights, demo_weights
 
 
 @pytest.fixture
@@ -30,6 +30,31 @@ def test_demo_weights_are_the_documented_model():
     assert demo_weights().stat().st_size < 10 * 2**20
     assert provenance["iteration"] == provenance["train_config"]["iterations"] == 8000
     assert provenance["train_config"]["data_root"] == "data/synthetic_demo"
+
+
+def test_the_bundled_camvid_model_is_the_documented_one():
+    config, state, provenance = read_checkpoint(camvid_weights())
+    assert (config.class_map, config.keep_rate, config.num_classes, config.input_size) == ("camvid", 0.25, 11,
+                                                                                          (720, 0))
+    train_config = provenance["train_config"]
+    assert provenance["iteration"] == train_config["iterations"] == 3000  # stage 2, on stage 1's 20000
+    assert train_config["init_from"] == "runs/camvid_cpu/model.safetensors"  # stage 1: config/train/camvid_cpu.yaml
+    assert (train_config["color_jitter"], train_config["white_balance_jitter"]) == (0.5, 0.15)
+    assert train_config["train_split"] == "train+val" and provenance["stored_as"] == "float16"
+    assert camvid_weights().stat().st_size < 5 * 2**20
+
+
+def test_demo_segments_your_own_photos_with_the_camvid_model(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sky_over_road = np.zeros((120, 160, 3), np.uint8)
+    sky_over_road[:50] = (150, 180, 220)  # a pale blue sky above a grey road
+    sky_over_road[50:] = (90, 90, 95)
+    cv2.imwrite(str(photos / "street.png"), cv2.cvtColor(sky_over_road, cv2.COLOR_RGB2BGR))
+    assert demo.main(["--images", str(photos), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    pair = cv2.imread(str(tmp_path / "out" / "side_by_side" / "street.png"))
+    assert pair.shape == (120, 320, 3)
+    assert "bundled CamVid model" in capsys.readouterr().out
 
 
 def test_the_drive_is_rendered_once_and_identically(small_drive, tmp_path):
@@ -78,3 +103,12 @@ def test_the_drive_plays_as_a_bag_at_17_hz(small_drive):
     assert np.allclose(np.diff(stamps), 1e9 / 17, atol=1)
     assert messages[0][2].encoding == "rgb8" and (messages[0][2].height, messages[0][2].width) == (256, 512)
     assert demo.ensure_demo_bag() == bag  # built once
+
+
+def test_a_missing_bundled_model_is_one_clear_message(tmp_path, monkeypatch, capsys):
+    from icnet_ros.model import registry
+
+    monkeypatch.setattr(registry, "asset_path", lambda name: tmp_path / name)  # an installation without assets
+    assert demo.main(["--images", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "camvid_keep0.25.safetensors is missing" in error and "icnet-train --config" in error

@@ -94,6 +94,14 @@ def test_default_settings_select_the_bundled_demo_weights():
     assert demo_weights().stat().st_size < 10 * 2**20
 
 
+def test_camvid_at_0_25_selects_the_bundled_real_street_model():
+    from icnet_ros.model.registry import camvid_weights
+
+    resolved = resolve_checkpoint("", "", "camvid", 0.25)
+    assert not resolved.is_demo and resolved.path == camvid_weights()
+    assert camvid_weights().stat().st_size < 10 * 2**20
+
+
 def test_model_dir_is_searched_by_dataset_and_keep_rate(tmp_path):
     path = tmp_path / checkpoint_name("camvid", 0.25)
     save_model(path, trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid"))

@@ -209,7 +209,7 @@ def test_a_split_without_labels_is_refused_before_training(tmp_path):
 
 
 # --- the real-image recipe: class balancing, colour jitter, input size --------------------------------
-from icnet_ros.data.transforms import augment_sample, color_jitter  # noqa: E402
+from icnet_ros.data.transforms import augment_sample, color_jitter, white_balance_jitter  # noqa: E402
 from icnet_ros.model.loss import CascadeLoss  # noqa: E402
 from icnet_ros.training.class_weights import class_frequencies, median_frequency_weights  # noqa: E402
 
@@ -246,6 +246,18 @@ def test_colour_jitter_is_seeded_and_zero_strength_is_identity():
     out, out_label = augment_sample(image, label, np.random.default_rng(1), crop_size=(32, 48),
                                     scale_range=(1, 1), mirror=False, jitter=0.3)
     assert out.shape == image.shape and not np.array_equal(out, image) and (out_label == 0).all()
+
+
+def test_white_balance_jitter_tints_the_channels_apart():
+    gray = np.full((8, 8, 3), 100, np.uint8)
+    tinted = white_balance_jitter(gray, np.random.default_rng(3), 0.3)
+    gains = tinted[0, 0].astype(float) / 100
+    assert ((gains >= 0.7 - 0.01) & (gains <= 1.3 + 0.01)).all() and len(set(tinted[0, 0])) == 3
+    assert (tinted == tinted[0, 0]).all()  # one gain per channel, the same over the whole image
+    assert np.array_equal(white_balance_jitter(gray, np.random.default_rng(3), 0.0), gray)
+    out, _ = augment_sample(gray, np.zeros((8, 8), np.uint8), np.random.default_rng(1), crop_size=(8, 8),
+                            scale_range=(1, 1), mirror=False, white_balance=0.3)
+    assert len(set(out[0, 0])) == 3
 
 
 def test_image_size_with_a_zero_keeps_the_aspect_ratio_in_training():

@@ -60,16 +60,28 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -
                            gain * (1.0 - saturation), offset)
 
 
+def white_balance_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Each channel scaled by its own factor in [1 - strength, 1 + strength]: another camera's colour cast.
+
+    color_jitter scales the three channels together; cameras also differ in white balance (the
+    Cityscapes frames are green-tinted next to CamVid's), which only per-channel gains imitate.
+    """
+    gains = rng.uniform(1.0 - strength, 1.0 + strength, size=3).astype(np.float32)
+    return np.clip(image.astype(np.float32) * gains, 0, 255).astype(np.uint8)
+
+
 def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
                    crop_size: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0),
                    mirror: bool = True, ignore_index: int = 255, image_size: tuple[int, int] | None = None,
-                   pad_value=0, jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                   pad_value=0, jitter: float = 0.0, white_balance: float = 0.0
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(image HxWx3 uint8, label HxW) -> augmented crop of crop_size, in the paper's order.
 
     image_size: the network input size the frames are brought to first (0 on one side keeps the
     aspect ratio, as ModelConfig.input_size); the random scale is relative to it.
 
-    With jitter > 0 the crop's colours are jittered last (color_jitter), after the geometry.
+    With jitter > 0 the crop's colours are jittered last (color_jitter), after the geometry, and with
+    white_balance > 0 its channels get gains of their own (white_balance_jitter).
     """
     if mirror and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
@@ -80,4 +92,6 @@ def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
     image, label = random_crop(image, label, rng, crop_size, ignore_index, pad_value)
     if jitter > 0:
         image = color_jitter(image, rng, jitter)
+    if white_balance > 0:
+        image = white_balance_jitter(image, rng, white_balance)
     return image, label

@@ -33,7 +33,10 @@ DEMO = BundledModel("demo_synthetic_keep0.25.safetensors", "cityscapes", 0.25, T
                     "icnet-make-drives --out data/synthetic_demo --splits train=400,val=40 --height 512 --width 1024 "
                     "&& icnet-train --config config/train/demo.yaml")
 CAMVID = BundledModel("camvid_keep0.25.safetensors", "camvid", 0.25, False,
-                      "icnet-train --config config/train/camvid_cpu.yaml data_root=<CamVid (SegNet layout)>")
+                      "icnet-train --config config/train/camvid_cpu.yaml data_root=<CamVid (SegNet layout)> && "
+                      "icnet-train --config config/train/camvid_cpu_robust.yaml data_root=<CamVid (SegNet layout)> && "
+                      "python -m icnet_ros.model.checkpoint runs/camvid_cpu_robust/model.safetensors "
+                      "camvid_keep0.25.safetensors --fp16")
 BUNDLED_MODELS = (CAMVID, DEMO)
 DEMO_DATASET, DEMO_KEEP_RATE = DEMO.dataset, DEMO.keep_rate
 

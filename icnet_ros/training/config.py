@@ -27,6 +27,7 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     mirror: bool = True
     color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - j, 1 + j]; 0 = off
+    white_balance_jitter: float = 0.0  # a gain per R, G, B channel in [1 - j, 1 + j]; 0 = off
     skip_bad: bool = False
     workers: int = 4
     # model

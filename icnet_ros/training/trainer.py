@@ -114,7 +114,7 @@ class AugmentedDataset(Dataset):
             sample["image"], sample["label"], rng, crop_size=self.config.crop_size,
             scale_range=self.config.scale_range, mirror=self.config.mirror,
             ignore_index=self.ignore_index, image_size=self.config.image_size, pad_value=self.pad_value,
-            jitter=self.config.color_jitter,
+            jitter=self.config.color_jitter, white_balance=self.config.white_balance_jitter,
         )
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(label.astype(np.int64))
 
