@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Iterator
 
 
-
 def _current_umask() -> int:
     """The process umask, read from /proc where it can be: setting it to read it back (the only
     portable way) briefly changes it for every thread of the process."""

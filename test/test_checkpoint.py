@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trained_bn_model
 from safetensors.torch import save_file
 
-from conftest import trained_bn_model
 from icnet_ros.model.checkpoint import CheckpointError, load_model, read_checkpoint, save_model
 
 

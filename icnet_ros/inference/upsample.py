@@ -3,9 +3,9 @@
 ICNet's last step resizes the branch logits (H/4 for sub124) to H x W with bilinear interpolation,
 align_corners=True, then takes the argmax over classes. Each full-resolution logit vector is a convex
 combination of its four low-resolution neighbours, so where those four share one argmax c, c is the
-label: a convex combination of vectors whose largest entry is c keeps c largest. Only the pixels whose neighbours disagree need the interpolated
-logits, and there we compute them with the same arithmetic as torch's own kernel, so the labels are
-identical to `F.interpolate(logits, size, mode="bilinear", align_corners=True).argmax(1)`:
+label (a convex combination of vectors whose largest entry is c keeps c largest). Only the pixels
+whose neighbours disagree need the interpolated logits, and there we compute them with the same
+arithmetic as torch's own kernel, so the labels are identical to `F.interpolate(logits, size, mode="bilinear", align_corners=True).argmax(1)`:
 
 1. low-resolution argmax and top-two margin of every logit vector;
 2. a low-resolution cell (a 2x2 block of neighbours) is *settled* when its four labels agree and

@@ -18,6 +18,7 @@ from pathlib import Path
 from icnet_ros.model.checkpoint import CheckpointError, read_checkpoint
 from icnet_ros.paths import asset_path
 
+
 @dataclass(frozen=True)
 class BundledModel:
     """A checkpoint shipped in icnet_ros/assets/, and how it was made."""

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import rclpy
@@ -43,7 +44,7 @@ RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=
 class NodeProcess:
     """The segmentation node in a process of its own, with RSS and thread counts read from /proc."""
 
-    started: list[NodeProcess] = []  # ended by main() whatever happens: a node left behind may hold a GPU
+    started: ClassVar[list[NodeProcess]] = []  # ended by main() whatever happens: a node left behind may hold a GPU
 
     def __init__(self, node_arguments: list[str], environment: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "icnet_ros.ros.node", "--ros-args", "-r", f"image:={CAMERA_TOPIC}",
