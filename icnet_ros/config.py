@@ -42,6 +42,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     def plain(value):
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return config_to_dict(value)
         return value
 
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}

@@ -5,16 +5,17 @@ demo weights: a synthetic street sequence (51 frames, 3 s at 17 Hz, 512x1024) re
 deterministically on first use into a cache folder, with its exact labels. It writes label, color
 and overlay PNGs, an overlay video and a timing summary, measures the mIoU against the drive's
 labels, and prints where everything is. With --images it segments a folder of real street photos
-with the bundled CamVid model (trained on real driving frames) and writes camera | overlay pictures:
+with a bundled real-street model and writes camera | overlay pictures with a legend:
 
     icnet-demo                         # results in ./icnet_demo
-    icnet-demo --images my_dashcam/    # real photos, the bundled CamVid model
+    icnet-demo --images my_dashcam/    # real photos, the bundled Cityscapes model (19 classes)
+    icnet-demo --images my_dashcam/ --class-map camvid   # the bundled CamVid model (11 classes)
     icnet-demo --out /tmp/demo --device cuda
     icnet-demo --bag-path              # print (and build on first use) the drive as a rosbag2
 
 Which model for what: the demo weights know synthetic scenes only (they show the pipeline); for a
-real camera use the bundled CamVid model (dataset camvid, 11 classes) or the authors' Cityscapes
-weights converted with icnet-import (19 classes, README.md).
+real camera use the bundled Cityscapes model (19 classes, the default), the bundled CamVid model
+(11 classes), or the authors' Cityscapes weights converted with icnet-import (README.md).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ import numpy as np
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import load_class_map
 from icnet_ros.model.checkpoint import CheckpointError
-from icnet_ros.model.registry import CAMVID, DEMO_DATASET, camvid_weights, demo_weights
+from icnet_ros.model.registry import BUNDLED_BY_NAME, DEMO_DATASET, bundled_weights, demo_weights
+
+PHOTO_MODELS = ("cityscapes", "camvid")  # the bundled models that know real streets
 
 DRIVE_VERSION = 1  # bump when the drive's recipe changes, so stale caches are not reused
 DRIVE_SEED = 99_991  # a street no training scene of config/train/demo.yaml uses
@@ -140,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bag-path", action="store_true",
                         help="only print the path of the drive as a rosbag2 (building it on first use)")
     parser.add_argument("--images", type=Path,
-                        help="a folder of your own street photos: segment them with the bundled CamVid model")
+                        help="a folder of your own street photos: segment them with a bundled real-street model")
+    parser.add_argument("--class-map", choices=PHOTO_MODELS, default=PHOTO_MODELS[0],
+                        help="with --images: the bundled model by the classes it predicts: cityscapes (19 classes, "
+                             "default) or camvid (11 classes)")
     return parser
 
 
@@ -194,20 +200,25 @@ def _print_results(out: Path, accuracy: dict[str, Any], record: dict[str, Any]) 
     print(f"overlay (video):     {out / 'overlay.mp4'}")
     print(f"timing summary:      {out / 'timing.json'}")
     print(f"done in {record['wall_time_s']:.1f} s. These weights know synthetic scenes only: for a real camera "
-          "use the bundled CamVid model (icnet-demo --images <photos>, dataset:=camvid in ROS) or the authors' "
-          "Cityscapes weights through icnet-import (README.md).")
+          "use a bundled real-street model (icnet-demo --images <photos>; in ROS the default dataset:=cityscapes, "
+          "or dataset:=camvid) or the authors' Cityscapes weights through icnet-import (README.md).")
 
 
 def _segment_photos(args: argparse.Namespace, offline) -> int:
-    """Real photos -> camera | overlay pictures, with the bundled CamVid model at its training scale."""
-    segment_args = [str(camvid_weights()), str(args.images), "--out", str(args.out), "--side-by-side",
+    """Real photos -> camera | overlay pictures, with the bundled model of --class-map at its training scale.
+
+    icnet-segment --side-by-side composes them (icnet_ros.visualization.side_by_side): the two panels
+    over a legend of the classes found in each photo, names and colors from the model's class map."""
+    model = BUNDLED_BY_NAME[args.class_map]
+    segment_args = [str(bundled_weights(model)), str(args.images), "--out", str(args.out), "--side-by-side",
                     "--no-labels", "--device", args.device, "--branch", args.branch]
     if args.threads is not None:
         segment_args += ["--threads", str(args.threads)]
     status = offline.main(segment_args)
     if status == 0:
-        classes = ", ".join(load_class_map(CAMVID.dataset).names)
-        print(f"camera | overlay pictures: {args.out / 'side_by_side'} (bundled CamVid model: {classes})")
+        classes = ", ".join(load_class_map(model.dataset).names)
+        print(f"camera | overlay pictures, each with a legend of the classes it shows: {args.out / 'side_by_side'} "
+              f"(bundled {model.name} model: {classes})")
     return status
 
 

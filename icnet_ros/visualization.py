@@ -6,9 +6,11 @@ integer arithmetic with alpha quantized to 1/256 steps, so no float rounding dif
 
     color = colorize(labels, class_map.palette())      # HxW ids -> HxWx3 uint8
     shown = overlay(image, color, alpha=0.5)            # uint8 blend, same channel order as given
+    pair = side_by_side(image, shown, labels, class_map)  # camera | overlay over a legend of the classes
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
@@ -100,3 +102,110 @@ def overlay_torch(image: torch.Tensor, color: torch.Tensor, alpha: float | torch
     weight = weight.to(device=image.device, dtype=torch.int32)
     blended = image.to(torch.int32) * (ALPHA_STEPS - weight) + color.to(torch.int32) * weight
     return ((blended + ALPHA_STEPS // 2) >> 8).to(torch.uint8)
+
+
+# --- legend (side-by-side pictures) ---------------------------------------------------------------
+# A class with fewer pixels than this share of the frame gets no legend entry. 0.1 % is about a
+# 23x23 pixel patch of a 1024x512 frame: small enough to keep a distant sign or pole, large enough
+# that the few stray pixels argmax leaves along class boundaries do not each add a row for a class
+# nobody can find in the picture. 0 lists every class with at least one pixel.
+LEGEND_MIN_SHARE = 0.001
+LEGEND_BACKGROUND = (255, 255, 255)  # dark text on a white strip, swatches outlined in the text color
+LEGEND_TEXT = (0, 0, 0)
+LEGEND_FONT = cv2.FONT_HERSHEY_SIMPLEX
+LEGEND_WIDTH_PER_SCALE = 1500  # font scale 1 (text about 20 px high) per 1500 px of picture width
+LEGEND_MIN_SCALE = 0.4  # below this Hershey text is no longer legible
+
+
+def present_classes(labels: np.ndarray, num_classes: int, min_share: float = LEGEND_MIN_SHARE) -> list[int]:
+    """Class ids in 0..num_classes-1 that cover at least `min_share` of `labels` (and at least one
+    pixel), in id order. Ids outside the class map (the ignore index) are never listed."""
+    labels = np.asarray(labels)
+    if not 0.0 <= min_share <= 1.0:
+        raise ValueError(f"legend min_share must be a fraction of the picture in [0, 1], got {min_share}")
+    if labels.size == 0:
+        return []
+    flat = labels.reshape(-1).astype(np.int64)
+    counts = np.bincount(flat[(flat >= 0) & (flat < num_classes)], minlength=num_classes)
+    needed = max(1, min_share * labels.size)
+    return [int(i) for i in np.flatnonzero(counts >= needed)]
+
+
+def _legend_metrics(scale: float) -> tuple[int, int, int]:
+    thickness = max(1, round(scale * 1.4))
+    (_, cap), descent = cv2.getTextSize("Ag", LEGEND_FONT, scale, thickness)
+    return thickness, cap, descent
+
+
+def _fit_name(name: str, max_width: int, scale: float, thickness: int) -> str:
+    """`name`, shortened with '..' until it is at most `max_width` pixels wide."""
+    if cv2.getTextSize(name, LEGEND_FONT, scale, thickness)[0][0] <= max_width:
+        return name
+    for keep in range(len(name) - 1, 0, -1):
+        short = name[:keep] + ".."
+        if cv2.getTextSize(short, LEGEND_FONT, scale, thickness)[0][0] <= max_width:
+            return short
+    return ""
+
+
+def draw_legend(class_map, class_ids, width: int) -> np.ndarray:
+    """An (H, width, 3) uint8 RGB strip listing `class_ids` in the given order: a swatch of the class
+    map's color and the class name per entry, black text on white, in equal columns that wrap into as
+    many rows as needed. Text size scales with `width` (the width of the picture the strip goes
+    under). No ids -> an empty (0, width, 3) strip. Names and colors come from `class_map` only."""
+    width = int(width)
+    if width <= 0:
+        raise ValueError(f"legend width must be positive, got {width}")
+    class_ids = [int(i) for i in class_ids]
+    bad = [i for i in class_ids if not 0 <= i < class_map.num_classes]
+    if bad:
+        raise ValueError(f"class ids {bad} are not in class map {class_map.name!r} (0..{class_map.num_classes - 1})")
+    if not class_ids:
+        return np.zeros((0, width, 3), np.uint8)
+    palette = class_map.palette()
+    names = [class_map.names[i] for i in class_ids]
+
+    def layout(scale: float) -> tuple[int, ...]:
+        thickness, cap, descent = _legend_metrics(scale)
+        swatch = max(6, cap + descent)
+        pad, gap = max(2, swatch // 2), max(2, swatch // 3)
+        text_width = max(cv2.getTextSize(n, LEGEND_FONT, scale, thickness)[0][0] for n in names)
+        return thickness, cap, swatch, pad, gap, swatch + gap + text_width
+
+    scale = max(LEGEND_MIN_SCALE, width / LEGEND_WIDTH_PER_SCALE)
+    thickness, cap, swatch, pad, gap, entry = layout(scale)
+    if entry > width - 2 * pad:  # a narrow picture: smaller text first, then shortened names
+        scale = max(LEGEND_MIN_SCALE, scale * (width - 2 * pad) / entry)
+        thickness, cap, swatch, pad, gap, entry = layout(scale)
+    inner = width - 2 * pad
+    column_gap = swatch
+    columns = max(1, min(len(names), (inner + column_gap) // (entry + column_gap)))
+    column_width = min(entry, inner) if columns == 1 else (inner + column_gap) // columns - column_gap
+    rows = -(-len(names) // columns)
+    row_height = swatch + pad
+    strip = np.full((pad + rows * row_height, width, 3), LEGEND_BACKGROUND, np.uint8)
+    for slot, (class_id, name) in enumerate(zip(class_ids, names)):
+        row, column = divmod(slot, columns)
+        x, y = pad + column * (column_width + column_gap), pad + row * row_height
+        color = tuple(int(v) for v in palette[class_id])
+        cv2.rectangle(strip, (x, y), (x + swatch - 1, y + swatch - 1), color, thickness=-1)
+        cv2.rectangle(strip, (x, y), (x + swatch - 1, y + swatch - 1), LEGEND_TEXT, thickness=1)
+        text = _fit_name(name, column_width - swatch - gap, scale, thickness)
+        cv2.putText(strip, text, (x + swatch + gap, y + (swatch + cap) // 2), LEGEND_FONT, scale, LEGEND_TEXT,
+                    thickness, cv2.LINE_AA)
+    return strip
+
+
+def side_by_side(image: np.ndarray, shown: np.ndarray, labels: np.ndarray, class_map,
+                 min_share: float = LEGEND_MIN_SHARE) -> np.ndarray:
+    """camera | segmentation (overlay or colors), with a legend strip below of the classes in
+    `labels` (present_classes(labels, ..., min_share)). RGB in, RGB out; both panels of one size."""
+    image, shown = np.asarray(image), np.asarray(shown)
+    if image.shape != shown.shape or image.ndim != 3 or image.dtype != np.uint8 or shown.dtype != np.uint8:
+        raise ValueError(f"side_by_side needs two HxWx3 uint8 panels of one shape, got {image.shape} "
+                         f"{image.dtype} and {shown.shape} {shown.dtype}")
+    if np.shape(labels) != image.shape[:2]:
+        raise ValueError(f"side_by_side needs labels of the panels' size {image.shape[:2]}, got {np.shape(labels)}")
+    panels = np.concatenate([image, shown], axis=1)
+    legend = draw_legend(class_map, present_classes(labels, class_map.num_classes, min_share), panels.shape[1])
+    return np.concatenate([panels, legend], axis=0)

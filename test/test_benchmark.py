@@ -89,12 +89,25 @@ def test_image_frames_are_resized_and_never_blank(tmp_path):
         assert synthetic.shape == (64, 96, 3) and synthetic.dtype == np.uint8 and synthetic.std() > 10
 
 
-def test_quick_defaults_yield_to_explicit_options():
-    quick = parse_args(["--quick"])
-    assert quick.resolutions == [(1024, 2048), (512, 1024)] and quick.iterations == 5
-    assert quick.keep_rates == [0.5, 0.25] and quick.branches == ["sub124", "sub4"]
-    mine = parse_args(["--quick", "--iterations", "1", "--resolutions", "64x96"])
-    assert mine.resolutions == [(64, 96)] and mine.iterations == 1 and mine.keep_rates == [0.5, 0.25]
+def sweep_size(args) -> int:
+    return len(args.resolutions) * len(args.keep_rates) * len(args.branches) * len(args.batch)
+
+
+def test_quick_is_a_smaller_sweep_and_every_explicit_option_wins():
+    full, quick = parse_args([]), parse_args(["--quick"])
+    assert sweep_size(quick) < sweep_size(full) and quick.iterations < full.iterations
+    assert quick.warmup <= full.warmup
+    changed = [key for key in benchmark.QUICK if getattr(quick, key) != getattr(full, key)]
+    assert changed  # --quick changes something, or it would not be quicker
+    given = {"iterations": (["--iterations", "1"], 1), "warmup": (["--warmup=0"], 0),
+             "keep_rates": (["--keep-rates", "0.25"], [0.25]), "branches": (["--branches", "sub24"], ["sub24"]),
+             "resolutions": (["--resolutions=64x96"], [(64, 96)])}
+    assert set(given) == set(benchmark.QUICK)  # each quick setting is tried below
+    for key, (argv, value) in given.items():
+        mine = parse_args(["--quick", *argv])
+        assert getattr(mine, key) == value, key  # the user's value wins, in either spelling
+        for other in set(given) - {key}:
+            assert getattr(mine, other) == getattr(quick, other), (key, other)  # the rest stay quick
 
 
 def test_bad_resolution_is_rejected():

@@ -10,8 +10,17 @@ import pytest
 from icnet_ros import demo
 from icnet_ros.bags.io import iter_image_messages
 from icnet_ros.classmap import load_class_map
+from icnet_ros.inference import SegmentationEngine
 from icnet_ros.model.checkpoint import read_checkpoint
-from icnet_ros.model.registry import DEMO_KEEP_RATE, camvid_weights, demo_weights
+from icnet_ros.model.registry import (
+    BUNDLED_BY_NAME,
+    DEMO_KEEP_RATE,
+    bundled_weights,
+    camvid_weights,
+    cityscapes_weights,
+    demo_weights,
+)
+from icnet_ros.visualization import draw_legend, present_classes
 
 
 @pytest.fixture
@@ -44,17 +53,46 @@ def test_the_bundled_camvid_model_is_the_documented_one():
     assert camvid_weights().stat().st_size < 5 * 2**20
 
 
-def test_demo_segments_your_own_photos_with_the_camvid_model(tmp_path, capsys):
+def test_the_bundled_cityscapes_model_is_the_documented_one():
+    config, _state, provenance = read_checkpoint(cityscapes_weights())
+    assert (config.class_map, config.keep_rate, config.num_classes, config.input_size) == ("cityscapes", 0.25, 19,
+                                                                                          (720, 0))
+    train_config = provenance["train_config"]
+    assert provenance["iteration"] == train_config["iterations"] == 8000
+    # both data sources: CamVid's real frames as label sets, synthetic drives with exact labels
+    assert [(d["dataset"], d["label_sets"], d["per_batch"]) for d in provenance["data"]] == [
+        ("camvid", "cityscapes_to_camvid", 6), ("cityscapes", None, 2)]
+    assert train_config["mix"][0]["data_root"] == "data/synthetic_drives"
+    # lineage: re-headed from the bundled CamVid model, itself stage 2 of a from-scratch run
+    assert train_config["init_from"] == "icnet_ros/assets/camvid_keep0.25.safetensors"
+    assert train_config["init_classes_from"] == "cityscapes_to_camvid"
+    assert provenance["init_from_provenance"]["train_config"]["init_from"] == "runs/camvid_cpu/model.safetensors"
+    assert provenance["stored_as"] == "float16" and cityscapes_weights().stat().st_size < 10 * 2**20
+
+
+@pytest.mark.parametrize("class_map, flags", [("cityscapes", []), ("camvid", ["--class-map", "camvid"])])
+def test_demo_segments_your_own_photos_with_a_real_street_model(tmp_path, capsys, class_map, flags):
     photos = tmp_path / "photos"
     photos.mkdir()
     sky_over_road = np.zeros((120, 160, 3), np.uint8)
     sky_over_road[:50] = (150, 180, 220)  # a pale blue sky above a grey road
     sky_over_road[50:] = (90, 90, 95)
     cv2.imwrite(str(photos / "street.png"), cv2.cvtColor(sky_over_road, cv2.COLOR_RGB2BGR))
-    assert demo.main(["--images", str(photos), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
-    pair = cv2.imread(str(tmp_path / "out" / "side_by_side" / "street.png"))
-    assert pair.shape == (120, 320, 3)
-    assert "bundled CamVid model" in capsys.readouterr().out
+    assert demo.main(["--images", str(photos), "--out", str(tmp_path / "out"), "--device", "cpu", *flags]) == 0
+    pair = cv2.cvtColor(cv2.imread(str(tmp_path / "out" / "side_by_side" / "street.png")), cv2.COLOR_BGR2RGB)
+    assert f"bundled {class_map} model" in capsys.readouterr().out
+    # camera | overlay over a legend of the classes the model found, named from its class map
+    weights = bundled_weights(BUNDLED_BY_NAME[class_map])
+    labels = SegmentationEngine.from_checkpoint(weights, device="cpu").segment(sky_over_road).labels
+    class_map = load_class_map(class_map)
+    # a scene whose answer is known: the model must see sky above and road below, not only any shape
+    sky, road = (class_map.names.index(name) for name in ("sky", "road"))
+    assert labels.shape == (120, 160)
+    assert (labels[:50] == sky).mean() > 0.6 and (labels[50:] == road).mean() > 0.6, np.unique(labels)
+    legend = draw_legend(class_map, present_classes(labels, class_map.num_classes), 320)
+    assert legend.shape[0] > 0 and pair.shape == (120 + legend.shape[0], 320, 3)
+    assert np.array_equal(pair[:120, :160], sky_over_road)
+    assert np.array_equal(pair[120:], legend)
 
 
 def test_the_drive_is_rendered_once_and_identically(small_drive, tmp_path):
@@ -111,4 +149,4 @@ def test_a_missing_bundled_model_is_one_clear_message(tmp_path, monkeypatch, cap
     monkeypatch.setattr(registry, "asset_path", lambda name: tmp_path / name)  # an installation without assets
     assert demo.main(["--images", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert "camvid_keep0.25.safetensors is missing" in error and "icnet-train --config" in error
+    assert "cityscapes_keep0.25.safetensors is missing" in error and "icnet-train --config" in error

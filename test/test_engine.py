@@ -6,6 +6,8 @@ graphs need a GPU (test_engine_gpu.py, icnet_ros/inference/gpu_check.py).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import cv2
@@ -329,6 +331,32 @@ def test_gpu_check_runs_on_cpu_comparing_fp32_engine_with_eager(tmp_path, capsys
     assert '"overall": 1.0' in report.read_text()
 
 
+def test_gpu_check_compares_at_the_frame_size_for_a_checkpoint_with_an_input_size(tmp_path, capsys):
+    """The bundled models (and imported weights) store an input size: the network runs smaller than
+    the frame and the engine's labels come back at the frame's size; the reference must too."""
+    from dataclasses import replace
+
+    model = trained_bn_model(keep_rate=0.25, num_classes=19, class_map="cityscapes")
+    model.config = replace(model.config, input_size=(48, 0))  # 64x96 frames -> a 48x72 network
+    checkpoint = save_model(tmp_path / "sized.safetensors", model)
+    write_frames(tmp_path / "frames", 3)
+    report = tmp_path / "report.json"
+    code = gpu_check.main([str(tmp_path / "frames"), "--checkpoint", str(checkpoint), "--device", "cpu",
+                           "--batches", "2", "3", "--json", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    result = json.loads(report.read_text())
+    assert result["frame_size"] == [64, 96] and result["network_size"] == [48, 72]
+    assert result["overall"] == 1.0 and len(result["frames"]) == 3
+    assert [(row["batch"], row["agreement_with_batch_1"]) for row in result["batches"]] == [(2, 1.0), (3, 1.0)]
+    assert "network 48x72" in printed and "batch 3 vs batch 1" in printed
+    # the reference really is the eager model at the network size, upsampled to the frame
+    frame = cv2.cvtColor(cv2.imread(str(min((tmp_path / "frames").iterdir()))), cv2.COLOR_BGR2RGB)
+    engine = SegmentationEngine.from_checkpoint(checkpoint, device="cpu")
+    reference = gpu_check.reference_labels(model.eval(), engine, frame, "sub124")
+    assert reference.shape == (64, 96) and np.array_equal(reference, engine.segment(frame).labels)
+
+
 @pytest.mark.slow
 def test_gpu_check_on_the_real_cityscapes_frames(tmp_path):
     folder = SHARED_DATA / "cityscapes_val9"
@@ -375,18 +403,37 @@ def test_plan_keys_the_forward_by_shape_not_by_outputs(engine):
 
 
 # --- submit / collect and prepare --------------------------------------------------------------------
-def test_submitted_calls_can_be_collected_in_any_order(engine):
+@pytest.mark.parametrize("runner", ["cpu", "cuda"])
+def test_submitted_calls_can_be_collected_in_any_order(engine, runner, monkeypatch):
+    """On the CPU submit does the work, so any order is easy; "cuda" runs the CUDA runner on an
+    asynchronous stand-in of torch.cuda (fake_cuda.py: uploads and computes run as early as they may,
+    downloads only when collected), where three calls in flight share two lanes of buffers: a frame
+    whose compute overwrote an earlier call's outputs before they were downloaded would show here."""
     frames = [scene(48, 64, seed=s) for s in range(3)]
     expected = [engine.segment(frame, color=True).labels for frame in frames]
-    handles = [engine.submit(frame, color=True) for frame in frames]
-    results = [engine.collect(handle) for handle in reversed(handles)][::-1]
-    for seg, labels in zip(results, expected):
-        assert isinstance(seg, Segmentation) and np.array_equal(seg.labels, labels)
-        assert np.array_equal(seg.color, colorize(labels, engine.class_map.palette()))
-    with pytest.raises(ValueError, match="already collected"):
-        engine.collect(handles[0])
-    batch = engine.collect(engine.submit([frames[0], frames[1]], channel_order="bgr", labels=False, overlay=True))
+    expected_bgr = [engine.segment(frame, channel_order="bgr", labels=False, overlay=True).overlay
+                    for frame in frames[:2]]
+    with contextlib.ExitStack() as stack:
+        if runner == "cuda":
+            from fake_cuda import LateWork, install
+
+            from icnet_ros.inference.cuda import CudaRunner
+
+            fake = install(monkeypatch, CudaRunner)
+            monkeypatch.setattr(engine, "_runner", CudaRunner(torch.device("cpu"), engine.stages))
+            fake.eager = {engine._runner.upload_stream, engine._runner.compute_stream}
+            stack.enter_context(LateWork(fake))
+        handles = [engine.submit(frame, color=True) for frame in frames]
+        results = [engine.collect(handle) for handle in reversed(handles)][::-1]
+        for seg, labels in zip(results, expected):
+            assert isinstance(seg, Segmentation) and np.array_equal(seg.labels, labels)
+            assert np.array_equal(seg.color, colorize(labels, engine.class_map.palette()))
+        with pytest.raises(ValueError, match="already collected"):
+            engine.collect(handles[0])
+        batch = engine.collect(engine.submit([frames[0], frames[1]], channel_order="bgr", labels=False,
+                                             overlay=True))
     assert [seg.labels for seg in batch] == [None, None] and batch[1].overlay.shape == (48, 64, 3)
+    assert all(np.array_equal(seg.overlay, reference) for seg, reference in zip(batch, expected_bgr))
 
 
 def test_prepare_hands_the_runner_the_plan_of_the_outputs_named(engine, monkeypatch):

@@ -105,17 +105,26 @@ def test_memory_stays_flat_over_1000_frames_with_changing_output_sets(model):
 
 
 def test_the_graph_cache_is_bounded_and_evictions_give_memory_back(model):
+    """prepare() (off the hot path) evicts to make room; a frame of a new shape with the cache full
+    evicts nothing and runs eagerly, with labels equal to eager's."""
     engine = SegmentationEngine(model, device="cuda:0", backend="torch", precision="fp16", graph_cache_size=2)
     sizes = [(128, 256), (160, 320), (192, 384)]
     peaks = []
     for _ in range(6):
         for height, width in sizes:
+            engine.prepare(height, width, outputs=("labels", "color"))
             engine.segment(frames(1, height, width)[0], color=True)
             assert len(engine.graph_cache) <= 2
         torch.cuda.synchronize()
         peaks.append(torch.cuda.memory_reserved(0))
     assert engine.graph_cache.evictions >= 10
     assert max(peaks[2:]) <= max(peaks[:2]) + 8 * 2**20  # churn does not pile up private pools
+    evictions, captures = engine.graph_cache.evictions, engine.graph_cache.captures
+    eager = SegmentationEngine(model, device="cuda:0", backend="torch", precision="fp16", cuda_graphs=False)
+    for frame in frames(3, 224, 448, seed=6):  # a fourth size, never prepared: the cache is full
+        assert label_agreement(engine.segment(frame).labels, eager.segment(frame).labels) >= 0.9999
+    assert (engine.graph_cache.evictions, engine.graph_cache.captures) == (evictions, captures)
+    assert engine.graph_cache.overflows == 3
     engine.close()
     assert len(engine.graph_cache) == 0
     assert engine.segment(frames(1)[0]).labels.shape == (HEIGHT, WIDTH)  # usable after close

@@ -160,3 +160,22 @@ def test_graphs_off_captures_nothing():
     entry = cache.entry(with_outputs(PLAN, "overlay"))
     assert not entry.forward_graph and capturer.captured("forward") == [] and capturer.captured("labels") == []
     assert len(capturer.captured("allocate")) == 1  # buffers and lanes are still kept per shape
+
+
+def test_a_frame_of_a_new_shape_never_evicts_and_is_logged_once():
+    """On the hot path (a frame waiting) a full cache releases nothing: the call gets no entry and runs
+    eagerly; prepare() (off the hot path) still makes room by evicting the least recently used."""
+    capturer, log = FakeCapturer(), RecordingLog()
+    cache = GraphCache(capturer, capacity=2, log=log)
+    one, two, three = (replace(PLAN, batch=batch) for batch in (1, 2, 3))
+    cache.entry(one)
+    cache.entry(two, hot=True)  # room left: a new shape is captured on its first frame, as before
+    for _ in range(5):
+        assert cache.entry(three, hot=True) is None
+        assert cache.entry(one, hot=True).forward_graph  # the held shapes keep replaying
+    assert capturer.captured("release") == [] and cache.evictions == 0 and cache.overflows == 5
+    assert len(capturer.captured("forward")) == 2 and cache.keys() == [two.forward_key, one.forward_key]
+    warnings = [text for text in log.warnings if "graph cache is full" in text]
+    assert len(warnings) == 1 and "batch 3" in warnings[0] and "runs eagerly" in warnings[0]
+    assert cache.entry(three).forward_graph  # prepare: evicts the least recently used shape
+    assert capturer.captured("release") == [("release", 2)] and cache.keys() == [one.forward_key, three.forward_key]

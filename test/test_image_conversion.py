@@ -16,6 +16,7 @@ from icnet_ros.ros.image_conversion import (
     ImageConversionError,
     compressed_to_rgb,
     humble_typestore,
+    image_to_jpeg,
     image_to_numpy,
     image_to_rgb,
     make_header,
@@ -243,6 +244,21 @@ def test_jpeg_round_trip_is_close():
     assert np.abs(compressed_to_rgb(msg).astype(int) - rgb).mean() < 4
 
 
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+def test_colour_images_become_jpegs_as_image_transport_writes_them(encoding):
+    """BGR inside, '<encoding>; jpeg compressed bgr8' outside (alpha dropped): what image_transport's
+    compressed subscribers expect, and what compressed_to_rgb reads back."""
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[:, :24], rgb[:, 24:] = (200, 30, 40), (20, 180, 90)
+    pixels = {"rgb8": rgb, "bgr8": rgb[..., ::-1], "rgba8": np.dstack((rgb, np.full((32, 48), 9, np.uint8))),
+              "bgra8": np.dstack((rgb[..., ::-1], np.full((32, 48), 9, np.uint8)))}[encoding]
+    msg = image_to_jpeg(np.ascontiguousarray(pixels), encoding, make_header("cam", 9), quality=95)
+    assert msg.format == f"{encoding}; jpeg compressed bgr8" and msg.header.frame_id == "cam"
+    bgr = cv2.imdecode(np.asarray(msg.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert bgr.shape == (32, 48, 3) and np.abs(bgr[..., ::-1].astype(int) - rgb).mean() < 4
+    assert np.abs(compressed_to_rgb(msg).astype(int) - rgb).mean() < 4
+
+
 def test_compressed_rgb_channel_order_and_grey():
     rgb = sample("rgb8", seed=13)
     _ok, encoded = cv2.imencode(".png", rgb)  # stored as if it were BGR, as the format then says
@@ -335,6 +351,7 @@ BAD_ARRAYS = {
     "unknown encoding": (lambda: numpy_to_image(np.zeros((4, 4), np.uint8), "8UC1"), ["supported encodings"]),
     "not an array": (lambda: numpy_to_image([[1, 2], [3, 4]], "mono8"), ["numpy array", "list"]),
     "bad compression": (lambda: rgb_to_compressed(np.zeros((4, 4, 3), np.uint8), "webp"), ["jpeg", "png"]),
+    "jpeg of labels": (lambda: image_to_jpeg(np.zeros((4, 4), np.uint8), "mono8"), ["'mono8'", "'rgb8'"]),
 }
 
 

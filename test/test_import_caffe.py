@@ -8,10 +8,15 @@ is then compared with a reference of the Caffe network written here from plain t
 F.conv2d on the blobs themselves, the Scale as a multiply, PSPNet's BN formula, and Caffe's Interp
 and Pooling written out by hand (Interp size rules, corner-aligned bilinear, ceil-rule MAX pooling,
 fixed-window AVE pooling). Nothing of our model code is used for the reference.
+
+Training snapshots are written too: the same layers plus the training net's auxiliary classifiers
+sub4_out (on conv5_4_interp) and sub24_out (on sub24_sum_interp), named and connected as in the ICNet
+training net (hellochick/ICNet-tensorflow follows its names), and its blob-less data, label and loss layers.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import struct
 import time
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 
 from icnet_ros.model.caffe_import import CaffeImportError, import_caffemodel, main
 from icnet_ros.model.checkpoint import load_model, read_checkpoint
+from icnet_ros.model.icnet import check_branch
 from icnet_ros.model.preprocess import image_to_input
 
 CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)  # eval_all.m
@@ -38,6 +44,9 @@ RELEASED_WINDOWS = ((33, 65, 33, 65), (17, 33, 16, 32), (13, 25, 10, 20), (8, 15
 # chosen so that ceil((size - kernel) / stride) + 1 is each bin count, as the released ones are.
 SMALL_INPUT = (193, 385)
 SMALL_WINDOWS = ((7, 13, 7, 13), (4, 7, 3, 6), (3, 5, 2, 4), (2, 3, 1, 2))
+# The 1x1 classifiers with a bias and no BN, in either flavour: the evaluation net's and the training net's.
+CLASSIFIERS = ("conv6_cls", "sub4_out", "sub24_out")
+AUX_OUTPUTS = {"sub4": "sub4_out", "sub24": "sub24_out"}  # our branch -> the training net's classifier
 
 
 # --- a protobuf encoder (the wire format, written independently of the reader) ---------------------
@@ -116,7 +125,7 @@ class ReleasedNet:
     """evaluation/prototxt/icnet_cityscapes_bnnomerge.prototxt, with widths scaled by keep_rate / 0.5."""
 
     def __init__(self, keep_rate: float, num_classes: int, input_size, windows):
-        self.factor, self.layers = keep_rate / 0.5, []
+        self.factor, self.layers, self.num_classes = keep_rate / 0.5, [], num_classes
         self.build(num_classes, input_size, windows)
 
     def add(self, name, layer_type, bottoms, top=None, **params):
@@ -194,6 +203,25 @@ class ReleasedNet:
         """The BN-merged net (icnet_cityscapes.prototxt) is the same without its BN layers."""
         return [layer for layer in self.layers if flavour == "bn_kept" or layer.type != "BN"]
 
+    def aux_classifiers(self, bottoms=("conv5_4_interp", "sub24_sum_interp")) -> list[Layer]:
+        """The training net's cascade label guidance classifiers: 1x1 convs with a bias on the zoomed
+        conv5_4 features (H/16) and the zoomed sub24 fusion (H/8)."""
+        params = {"num_output": self.num_classes, "kernel_size": 1, "stride": 1, "pad": 0, "dilation": 1}
+        return [Layer(name, "Convolution", (bottom,), (name,), dict(params))
+                for name, bottom in zip(("sub4_out", "sub24_out"), bottoms)]
+
+
+def training_only_layers() -> list[Layer]:
+    """What else a training net holds, none with weights: the data layer, the labels shrunk to each
+    branch's size by Interp layers, and the three losses."""
+    layers = [Layer("data", "ImageSegData", (), ("data", "label"))]
+    branches = (("sub4", "sub4_out", 16), ("sub24", "sub24_out", 8), ("sub124", "conv6_cls", 4))
+    for branch, logits, shrink in branches:
+        label, loss = f"label_{branch}", f"loss_{branch}"
+        layers.append(Layer(label, "Interp", ("label",), (label,), {"shrink_factor": shrink}))
+        layers.append(Layer(loss, "SoftmaxWithLoss", (logits, label), (loss,)))
+    return layers
+
 
 def synthetic_blobs(layers: list[Layer], flavour: str, seed: int = 0) -> dict[str, list[np.ndarray]]:
     """Seeded weights in Caffe's layouts. Gains keep activations O(1) so that logits are O(1..10)."""
@@ -214,7 +242,7 @@ def synthetic_blobs(layers: list[Layer], flavour: str, seed: int = 0) -> dict[st
 
 # Weight gains that do what trained BN statistics would: 16 residual sums ("increase"), the pyramid's
 # sum of five maps ("k1") and the classifier's positive inputs ("cls") would otherwise grow the logits.
-DAMPING = {"increase": 0.4, "k1": 0.25, "cls": 0.1}
+DAMPING = {"increase": 0.4, "k1": 0.25, "cls": 0.1, "out": 0.1}
 
 
 def conv_blobs(rng, layer: Layer, in_channels: int, flavour: str) -> list[np.ndarray]:
@@ -223,7 +251,7 @@ def conv_blobs(rng, layer: Layer, in_channels: int, flavour: str) -> list[np.nda
     if layer.bottoms[0] in ("data_sub1", "data_sub2"):
         gain /= 60.0  # the input is mean-subtracted pixels, about +-100
     weight = rng.normal(0, gain, (outputs, in_channels, kernel, kernel)).astype(np.float32)
-    if flavour == "bn_merged" or layer.name == "conv6_cls":
+    if flavour == "bn_merged" or layer.name in CLASSIFIERS:
         return [weight, rng.normal(0, 0.2, outputs).astype(np.float32)]
     return [weight]
 
@@ -236,7 +264,7 @@ def prototxt_text(layers: list[Layer], input_size, flavour: str, bn_eps: float |
     lines = ['name: "ICNet synthetic"', 'input: "data"'] + [f"input_dim: {d}" for d in (1, 3, *input_size)]
     for layer in layers:
         params = dict(layer.params)
-        if layer.type == "Convolution" and flavour == "bn_kept" and layer.name != "conv6_cls":
+        if layer.type == "Convolution" and flavour == "bn_kept" and layer.name not in CLASSIFIERS:
             params["bias_term"] = "false"
         if layer.type == "BN" and bn_eps is not None:
             params["eps"] = bn_eps
@@ -257,14 +285,18 @@ class SyntheticFile:
 
 
 def write_synthetic(tmp_path, flavour, keep_rate=0.25, num_classes=19, input_size=SMALL_INPUT,
-                    windows=SMALL_WINDOWS, legacy=False, seed=0, name=None) -> SyntheticFile:
+                    windows=SMALL_WINDOWS, legacy=False, seed=0, name=None, training=False) -> SyntheticFile:
+    """training: a training snapshot, with the auxiliary classifiers (in `layers`, which the reference
+    runs) and the blob-less data, label and loss layers (in the file only). The prototxt written beside
+    it is always the evaluation net's, the one users have."""
     net = ReleasedNet(keep_rate, num_classes, input_size, windows)
-    layers = net.flavour_layers(flavour)
+    layers = net.flavour_layers(flavour) + (net.aux_classifiers() if training else [])
     blobs = synthetic_blobs(layers, flavour, seed)
-    path = tmp_path / (name or f"icnet_{flavour}_{keep_rate:g}.caffemodel")
-    path.write_bytes(encode_caffemodel(layers, blobs, legacy))
+    path = tmp_path / (name or f"icnet_{flavour}_{keep_rate:g}{'_train' if training else ''}.caffemodel")
+    in_file = [*training_only_layers()[:1], *layers, *training_only_layers()[1:]] if training else layers
+    path.write_bytes(encode_caffemodel(in_file, blobs, legacy))
     prototxt = tmp_path / f"icnet_{flavour}_{input_size[0]}x{input_size[1]}.prototxt"
-    prototxt.write_text(prototxt_text(layers, input_size, flavour))
+    prototxt.write_text(prototxt_text(net.flavour_layers(flavour), input_size, flavour))
     return SyntheticFile(path, layers, blobs, prototxt)
 
 
@@ -378,12 +410,16 @@ def compare_with_caffe(synthetic: SyntheticFile, model, size) -> dict:
         head = model.branch_logits(x, "sub124").double()
     expected = reference["conv6_interp"]
     assert logits.shape == expected.shape and head.shape == reference["conv6_cls"].shape
+    return {**label_comparison(logits, expected),
+            "max_abs_diff_conv6_cls": float((head - reference["conv6_cls"]).abs().max())}
+
+
+def label_comparison(logits: torch.Tensor, expected: torch.Tensor) -> dict:
     max_diff = float((logits - expected).abs().max())
     agree = logits.argmax(1) == expected.argmax(1)
     top2 = expected.topk(2, dim=1).values
     decided = (top2[:, 0] - top2[:, 1]) > 2 * max_diff  # no rounding within max_diff can flip these
     return {"max_abs_diff": max_diff,
-            "max_abs_diff_conv6_cls": float((head - reference["conv6_cls"]).abs().max()),
             "max_abs_logit": float(expected.abs().max()),
             "label_agreement": float(agree.double().mean()),
             "disagreements_not_ties": int((~agree & decided).sum())}
@@ -428,21 +464,23 @@ def test_released_geometry_computes_what_caffe_computes(tmp_path, flavour):
 def caffe_name_of(state_key: str) -> str:
     from icnet_ros.model.caffe_import import caffe_layer_name
 
-    module = state_key.rsplit(".", 2)[0] if ".conv." in state_key or ".bn." in state_key else "classifier"
+    module = state_key.rsplit(".", 1)[0]
+    if module.endswith((".conv", ".bn")):
+        module = module.rsplit(".", 1)[0]
     return caffe_layer_name(module)
 
 
-@pytest.mark.parametrize("flavour", ["bn_merged", "bn_kept"])
-def test_every_released_blob_lands_in_its_parameter(tmp_path, flavour):
+@pytest.mark.parametrize("flavour, training", [("bn_merged", False), ("bn_kept", False), ("bn_kept", True)])
+def test_every_released_blob_lands_in_its_parameter(tmp_path, flavour, training):
     """Keep rate 0.5, the released shapes: each of our tensors is its Caffe blob (or the exact fold)."""
     synthetic = write_synthetic(tmp_path, flavour, keep_rate=0.5, input_size=RELEASED_INPUT,
-                                windows=RELEASED_WINDOWS)
+                                windows=RELEASED_WINDOWS, training=training)
     imported = import_caffemodel(synthetic.path)
     config = imported.model.config
     assert (config.keep_rate, config.num_classes, config.class_map) == (0.5, 19, "cityscapes")
     assert (config.input_size, config.pyramid_size, config.pyramid_windows) == (RELEASED_INPUT, (33, 65),
                                                                                 RELEASED_WINDOWS)
-    assert (config.input_channel_order, config.interp, config.aux_heads) == ("bgr", "caffe", False)
+    assert (config.input_channel_order, config.interp, config.aux_heads) == ("bgr", "caffe", training)
     state = imported.model.state_dict()
     checked = 0
     for key, value in state.items():
@@ -451,13 +489,17 @@ def test_every_released_blob_lands_in_its_parameter(tmp_path, flavour):
         checked += 1
         expected = expected_tensor(key, synthetic.blobs, flavour)
         np.testing.assert_array_equal(value.numpy(), expected, err_msg=key)
-    assert checked == 63 * 5 + 2  # 63 convs with their BN, and the classifier's weight and bias
+    # 63 convs with their BN, the classifier's weight and bias, and those of the two auxiliary classifiers
+    assert checked == 63 * 5 + 2 + (4 if training else 0)
+    if training:  # the released shapes: 256 and 128 channels in, 19 classes out
+        assert tuple(state["cff_24.aux_classifier.weight"].shape) == (19, 256, 1, 1)
+        assert tuple(state["cff_124.aux_classifier.weight"].shape) == (19, 128, 1, 1)
 
 
 def expected_tensor(key: str, blobs: dict, flavour: str) -> np.ndarray:
     name = caffe_name_of(key)
     conv = blobs[name]
-    if key == "classifier.weight" or key == "classifier.bias":
+    if name in CLASSIFIERS:
         return conv[0] if key.endswith("weight") else conv[1]
     if key.endswith("conv.weight"):
         reads_input = name in ("conv1_sub1", "conv1_1_3x3_s2")
@@ -592,12 +634,132 @@ def test_missing_conv_bias_in_a_merged_file_is_named(tmp_path):
     assert "layer conv_sub2 is a Convolution with 1 blobs, expected a Convolution with 2" in message
 
 
-def test_extra_layer_with_weights_is_refused(tmp_path, small_net):
+def test_aux_classifier_with_a_wrong_shape_names_it(tmp_path):
+    """sub24_out reads the 64-channel sub24 fusion at keep 0.25; a 128-channel classifier is another net's."""
+    synthetic = write_synthetic(tmp_path, "bn_kept", training=True)
+    wrong = [np.zeros((19, 128, 1, 1), np.float32), np.zeros(19, np.float32)]
+    blobs = {**synthetic.blobs, "sub24_out": wrong}
+    layers = synthetic.layers + training_only_layers()
+    message = import_error(tmp_path, layers, blobs)
+    assert message == ("sub24_out: weight blob has shape (19, 128, 1, 1), expected (19, 64, 1, 1) for keep rate "
+                       "0.25 (sub24_out is the sub24 auxiliary classifier on sub24_sum_interp, 64 channels, one "
+                       "output per class)")
+
+
+def test_aux_classifier_for_another_class_count_names_it(tmp_path):
+    synthetic = write_synthetic(tmp_path, "bn_merged", training=True)
+    blobs = {**synthetic.blobs, "sub4_out": [np.zeros((11, 128, 1, 1), np.float32), np.zeros(11, np.float32)]}
+    message = import_error(tmp_path, synthetic.layers, blobs)
+    assert message.startswith("sub4_out: weight blob has shape (11, 128, 1, 1), expected (19, 128, 1, 1)")
+
+
+def test_aux_classifier_reading_another_feature_is_refused(tmp_path):
+    """Same shapes, other input: conv3_1 is as wide as conv5_4_k1 and at H/16, but not our sub4 head's."""
+    net = ReleasedNet(0.25, 19, SMALL_INPUT, SMALL_WINDOWS)
+    layers = net.flavour_layers("bn_merged") + net.aux_classifiers(("conv3_1", "sub24_sum_interp"))
+    blobs = synthetic_blobs(layers, "bn_merged")
+    assert blobs["sub4_out"][0].shape == (19, 128, 1, 1)  # the shape conv5_4_interp needs: only the input is wrong
+    message = import_error(tmp_path, layers, blobs)
+    assert message.endswith("sub4_out reads conv3_1, but icnet_ros's sub4 head classifies "
+                            "conv5_4_interp (or conv5_4_k1 before that Interp), as the ICNet training net's "
+                            "sub4_out does; this sub4_out belongs to another network")
+
+
+def import_warnings(caplog, path, **kwargs):
+    """(imported model, the importer's warning messages)."""
+    with caplog.at_level(logging.WARNING, logger="icnet_ros.model.caffe_import"):
+        imported = import_caffemodel(path, **kwargs)
+    return imported, [r.getMessage() for r in caplog.records if r.name == "icnet_ros.model.caffe_import"]
+
+
+def test_extra_layers_with_weights_are_skipped_with_one_warning(tmp_path, small_net, caplog):
+    """As Caffe's CopyTrainedLayersFrom: unknown weight layers are ignored, all named in one warning;
+    blob-less layers (data, label Interp, losses) are not worth a mention."""
     layers, blobs = small_net
-    extra = Layer("sub4_out", "Convolution", ("conv5_4_interp",), ("sub4_out",), {})
-    broken = {**blobs, "sub4_out": [np.zeros((19, 64, 1, 1), np.float32), np.zeros(19, np.float32)]}
-    message = import_error(tmp_path, layers + [extra], broken)
-    assert "no place for: sub4_out (Convolution, blobs [(19, 64, 1, 1), (19,)])" in message
+    extras = [Layer("conv5_3_pool1_conv", "Convolution", ("conv5_3_pool1",), ("conv5_3_pool1_conv",)),
+              Layer("fc_extra", "InnerProduct", ("conv5_3",), ("fc_extra",))]
+    extra_blobs = {"conv5_3_pool1_conv": [np.ones((128, 512, 1, 1), np.float32)],
+                   "fc_extra": [np.ones((10, 32), np.float32), np.ones(10, np.float32)]}
+    path = tmp_path / "with_extras.caffemodel"
+    in_file = training_only_layers()[:1] + layers + extras + training_only_layers()[1:]
+    path.write_bytes(encode_caffemodel(in_file, {**blobs, **extra_blobs}))
+    imported, messages = import_warnings(caplog, path)
+    assert len(messages) == 1
+    assert messages[0].endswith("skipped 2 layer(s) with weights that icnet_ros's ICNet has no place for "
+                                "(Caffe's own loader ignores them too): conv5_3_pool1_conv (Convolution, "
+                                "blobs [(128, 512, 1, 1)]), fc_extra (InnerProduct, blobs [(10, 32), (10,)])")
+    assert "loss_" not in messages[0] and "label_" not in messages[0]
+    assert imported.skipped == ("conv5_3_pool1_conv", "fc_extra")
+    assert imported.provenance["skipped_layers"] == ["conv5_3_pool1_conv", "fc_extra"]
+    assert imported.model.config.aux_heads is False
+    plain = tmp_path / "plain.caffemodel"
+    plain.write_bytes(encode_caffemodel(layers, blobs))
+    for key, value in import_caffemodel(plain).model.state_dict().items():
+        assert torch.equal(value, imported.model.state_dict()[key]), key
+
+
+def test_a_lone_aux_classifier_is_skipped_and_says_why(tmp_path, small_net, caplog):
+    """Our aux heads come as a pair: sub4_out without sub24_out cannot give a sub4-only network."""
+    layers, blobs = small_net
+    aux = ReleasedNet(0.25, 19, SMALL_INPUT, SMALL_WINDOWS).aux_classifiers()[:1]
+    path = tmp_path / "lone_aux.caffemodel"
+    path.write_bytes(encode_caffemodel(layers + aux, {**blobs, **synthetic_blobs(layers + aux, "bn_kept")}))
+    imported, messages = import_warnings(caplog, path)
+    assert len(messages) == 1 and "sub4_out (Convolution, blobs [(19, 128, 1, 1), (19,)])" in messages[0]
+    assert messages[0].endswith("the auxiliary classifier sub4_out is imported only together with sub24_out, "
+                                "which the file lacks, so the checkpoint has the sub124 head only")
+    assert imported.model.config.branches == ("sub124",)
+
+
+def compare_aux_with_caffe(synthetic: SyntheticFile, model, size) -> dict:
+    """Each aux branch against the training net's classifier: at its own resolution (branch_logits) and
+    at the input size (the model's corner-aligned bilinear upsample, here as Caffe's Interp to that size)."""
+    image = random_image(size)
+    reference = caffe_forward(synthetic.layers, synthetic.blobs, caffe_input(image))
+    x = image_to_input(image, model.config, frame_order="rgb")
+    result = {}
+    for branch, caffe_name in AUX_OUTPUTS.items():
+        with torch.no_grad():
+            head = model.branch_logits(x, branch).double()
+            full = model(x, branch).double()
+        expected = reference[caffe_name]
+        expected_full = caffe_interp(expected, {"height": size[0], "width": size[1]})
+        assert head.shape == expected.shape and full.shape == expected_full.shape, branch
+        result[branch] = {**label_comparison(full, expected_full),
+                          "max_abs_diff_head": float((head - expected).abs().max())}
+    return result
+
+
+@pytest.mark.parametrize("flavour", ["bn_merged", "bn_kept"])
+def test_training_snapshot_aux_branches_compute_what_caffe_computes(tmp_path, flavour, caplog):
+    """A training snapshot: sub4_out and sub24_out become our sub4 / sub24 heads, with the evaluation
+    prototxt (which has no aux classifiers); its loss and label layers pass without a warning."""
+    synthetic = write_synthetic(tmp_path, flavour, training=True)
+    imported, messages = import_warnings(caplog, synthetic.path, prototxt=synthetic.prototxt)
+    assert messages == [] and imported.skipped == ()
+    assert imported.model.config.aux_heads and imported.model.config.branches == ("sub4", "sub24", "sub124")
+    assert imported.provenance["aux_classifiers"] == {"sub4": "sub4_out", "sub24": "sub24_out"}
+    aux = compare_aux_with_caffe(synthetic, imported.model, SMALL_INPUT)
+    print(f"{flavour} training snapshot keep 0.25: {aux}")
+    for branch, result in aux.items():
+        assert 1.0 < result["max_abs_logit"] < 100.0, branch
+        assert result["max_abs_diff"] < 1e-4 and result["max_abs_diff_head"] < 1e-4, branch
+        assert result["disagreements_not_ties"] == 0 and result["label_agreement"] > 0.9999, branch
+    sub124 = compare_with_caffe(synthetic, imported.model, SMALL_INPUT)
+    assert sub124["max_abs_diff"] < 1e-4 and sub124["disagreements_not_ties"] == 0
+
+
+def test_prototxt_with_aux_classifiers_checks_them(tmp_path):
+    """A training-style prototxt that lists the aux classifiers has them checked like every other conv."""
+    synthetic = write_synthetic(tmp_path, "bn_merged", training=True)
+    net = ReleasedNet(0.25, 19, SMALL_INPUT, SMALL_WINDOWS)
+    aux = net.aux_classifiers()
+    aux[1].params["kernel_size"] = 3
+    text = prototxt_text(net.flavour_layers("bn_merged") + aux, SMALL_INPUT, "bn_merged")
+    synthetic.prototxt.write_text(text)
+    with pytest.raises(CaffeImportError, match=r"sub24_out has kernel \(3, 3\), but icnet_ros's "
+                                               r"cff_124\.aux_classifier .* has \(1, 1\)"):
+        import_caffemodel(synthetic.path, prototxt=synthetic.prototxt)
 
 
 def test_input_scale_with_a_bias_is_refused(tmp_path, small_net):
@@ -657,6 +819,35 @@ def test_cli_default_output_is_beside_the_caffemodel(tmp_path, capsys):
     assert main([str(synthetic.path), "--prototxt", str(synthetic.prototxt)]) == 0
     assert synthetic.path.with_suffix(".safetensors").is_file()
     assert f"geometry from {synthetic.prototxt.name}" in capsys.readouterr().out
+
+
+def test_cli_imports_a_training_snapshot_with_its_aux_branches(tmp_path, capsys):
+    """The checkpoint records the sub4 / sub24 heads: the engine, evaluation and node accept those branches."""
+    synthetic = write_synthetic(tmp_path, "bn_kept", training=True)
+    output = tmp_path / "icnet_train.safetensors"
+    assert main([str(synthetic.path), "-o", str(output), "--prototxt", str(synthetic.prototxt)]) == 0
+    captured = capsys.readouterr()
+    assert "sub4, sub24 and sub124 heads (sub4_out, sub24_out imported)" in captured.out
+    assert captured.err == ""
+    model = load_model(output, expected_num_classes=19)
+    assert model.config.aux_heads and check_branch("sub4", model.config) == "sub4"
+    assert read_checkpoint(output)[2]["aux_classifiers"] == {"sub4": "sub4_out", "sub24": "sub24_out"}
+    result = compare_aux_with_caffe(synthetic, model, SMALL_INPUT)
+    assert max(r["max_abs_diff"] for r in result.values()) < 1e-4
+
+
+def test_cli_prints_the_skipped_layers_warning_once(tmp_path, small_net, capsys, caplog):
+    layers, blobs = small_net
+    extra = Layer("fc_extra", "InnerProduct", ("conv5_3",), ("fc_extra",))
+    path = tmp_path / "extra.caffemodel"
+    extra_blobs = {"fc_extra": [np.ones((10, 32), np.float32)]}
+    path.write_bytes(encode_caffemodel(layers + [extra], {**blobs, **extra_blobs}))
+    assert main([str(path), "-o", str(tmp_path / "extra.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("icnet-import: warning: ") == 1 and err.count("\n") == 1
+    assert "skipped 1 layer(s)" in err and "fc_extra (InnerProduct, blobs [(10, 32)])" in err
+    logged = [r for r in caplog.records if r.name == "icnet_ros.model.caffe_import"]
+    assert not logged  # printed, not also logged
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):

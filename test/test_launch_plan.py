@@ -125,12 +125,33 @@ def test_bad_arguments_fail_before_anything_starts(values, expected):
 
 
 def test_a_bag_is_played_in_a_loop_with_the_clock_under_sim_time(tmp_path):
+    """A bag the launch plays sets the time by default: the first soak of demo:=true ran the node on
+    wall time against a recording's stamps, so latency was NaN and /diagnostics warned of the clocks."""
     (tmp_path / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
-    assert plan({"bag": str(tmp_path)}).bag_command == ["ros2", "bag", "play", str(tmp_path), "--loop"]
-    result = plan({"bag": str(tmp_path), "use_sim_time": "true"})
-    assert result.bag_command[-2:] == ["--clock", "40"] and result.node_parameters["use_sim_time"] is True
+    result = plan({"bag": str(tmp_path)})
+    assert result.bag_command == ["ros2", "bag", "play", str(tmp_path), "--loop", "--clock", "40"]
+    assert result.use_sim_time and result.node_parameters["use_sim_time"] is True
+    wall = plan({"bag": str(tmp_path), "use_sim_time": "false"})  # the user's word wins
+    assert wall.bag_command == ["ros2", "bag", "play", str(tmp_path), "--loop"]
+    assert not wall.use_sim_time and wall.node_parameters["use_sim_time"] is False
     with pytest.raises(ConfigError, match="ros2bag"):
         plan({"bag": str(tmp_path)}, available=())
+
+
+def test_without_a_bag_the_node_keeps_the_wall_clock():
+    assert plan({}).use_sim_time is False and "use_sim_time" not in plan({}).node_parameters
+    assert plan({"use_sim_time": "true"}).node_parameters["use_sim_time"] is True  # e.g. a bag played elsewhere
+
+
+def test_a_parameter_file_that_says_use_sim_time_false_wins_over_the_bag_default(tmp_path):
+    bag = tmp_path / "drive"
+    bag.mkdir()
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"use_sim_time": False}}}))
+    result = plan({"params_file": str(mine), "bag": str(bag)})
+    assert not result.use_sim_time and "--clock" not in result.bag_command
+    assert "use_sim_time" not in result.node_parameters  # the node reads it from the file
 
 
 def test_demo_plays_the_embedded_drive_and_opens_rviz_where_installed(tiny_demo):
@@ -138,8 +159,20 @@ def test_demo_plays_the_embedded_drive_and_opens_rviz_where_installed(tiny_demo)
     bag = Path(result.bag_command[3])
     assert result.bag_command[:3] == ["ros2", "bag", "play"] and (bag / "metadata.yaml").is_file()
     assert bag.is_relative_to(tiny_demo)
+    assert result.bag_command[-2:] == ["--clock", "40"] and result.node_parameters["use_sim_time"] is True
+    assert result.use_sim_time  # RViz follows the bag's clock too
     assert result.namespace == "/camera" and result.remappings == [("image", demo.DEMO_TOPIC)]
     assert result.rviz_config == config_dir() / "segment.rviz"
+
+
+def test_demo_runs_the_demo_weights_unless_another_model_or_class_map_is_asked_for(tiny_demo, tmp_path):
+    assert plan({"demo": "true"}).node_parameters["model"] == "demo"  # the weights that know the drive
+    assert "model" not in plan({}).node_parameters  # by default the real-street Cityscapes model
+    assert "model" not in plan({"demo": "true", "dataset": "camvid"}).node_parameters
+    assert plan({"demo": "true", "model": "cityscapes"}).node_parameters["model"] == "cityscapes"
+    params = tmp_path / "mine.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    model: cityscapes\n")
+    assert "model" not in plan({"demo": "true", "params_file": str(params)}).node_parameters
 
 
 def test_demo_without_rviz_runs_headless_and_says_so(tiny_demo):

@@ -1,4 +1,5 @@
 """Metrics: our mIoU must equal cityscapesScripts' pixel-level evaluation on the same predictions."""
+import dataclasses
 import math
 
 import cv2
@@ -27,6 +28,14 @@ def test_classes_absent_everywhere_are_left_out_of_the_mean():
     matrix.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
     report = matrix.report(["a", "b", "c"])
     assert report["iou"]["c"] is None and report["miou"] == 1.0
+
+
+def test_miou_labelled_leaves_out_classes_only_predicted():
+    matrix = ConfusionMatrix(3)
+    matrix.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2, 1, 1]))  # class 2 predicted, never labelled
+    report = matrix.report(["a", "b", "c"])
+    assert report["iou"]["c"] == 0.0 and math.isclose(report["miou"], (1 / 2 + 1 + 0) / 3)
+    assert math.isclose(report["miou_labelled"], (1 / 2 + 1) / 2)
 
 
 def _scene(rng, height=64, width=128):
@@ -72,6 +81,7 @@ def test_evaluate_cli_writes_a_json_report_per_branch(tmp_path, capsys):
     import json
 
     from conftest import trained_bn_model
+
     from icnet_ros.data.synthetic import make_drives
     from icnet_ros.evaluation.cli import main
     from icnet_ros.model.checkpoint import save_model
@@ -82,7 +92,7 @@ def test_evaluate_cli_writes_a_json_report_per_branch(tmp_path, capsys):
                  "--split", "val", "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "pred")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["branches"]) == {"sub4", "sub24", "sub124"}
-    assert set(report["branches"]["sub124"]) == {"miou", "pixel_acc", "iou"}
+    assert set(report["branches"]["sub124"]) == {"miou", "miou_labelled", "pixel_acc", "iou"}
     assert "traffic_light" in report["branches"]["sub4"]["iou"]
     predictions = sorted((tmp_path / "pred").glob("*.png"))
     assert len(predictions) == 2
@@ -94,6 +104,7 @@ def test_evaluate_scores_a_camvid_model_on_cityscapes_labels_through_a_label_map
     import json
 
     from conftest import trained_bn_model
+
     from icnet_ros.classmap import load_label_map
     from icnet_ros.data.datasets import build_dataset
     from icnet_ros.data.synthetic import make_drives
@@ -113,3 +124,68 @@ def test_evaluate_scores_a_camvid_model_on_cityscapes_labels_through_a_label_map
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["branches"]["sub124"]["iou"]) == set(label_map.target.names)
     assert main(args) == 1  # 19-class labels against an 11-class model without a label map: refused
+
+
+def test_evaluate_scores_a_cityscapes_model_in_camvid_classes_on_either_data_set(tmp_path):
+    import json
+
+    from conftest import trained_bn_model
+
+    from icnet_ros.classmap import load_label_map
+    from icnet_ros.data.datasets import build_dataset
+    from icnet_ros.data.synthetic import make_drives
+    from icnet_ros.evaluation.cli import main
+    from icnet_ros.evaluation.evaluate import predict_branches
+    from icnet_ros.evaluation.metrics import ConfusionMatrix
+    from icnet_ros.model.checkpoint import load_model, save_model
+
+    label_map = load_label_map("cityscapes_to_camvid")
+    make_drives(tmp_path / "data", {"val": 1}, 64, 128)
+    checkpoint = save_model(tmp_path / "m.safetensors", trained_bn_model(num_classes=19, class_map="cityscapes"))
+    # Cityscapes labels and a Cityscapes model: both mapped, scored as CamVid's classes
+    args = [str(checkpoint), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"), "--split", "val",
+            "--label-map", "cityscapes_to_camvid", "--json", str(tmp_path / "r.json"), "--branches", "sub124"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())["branches"]["sub124"]
+    sample = build_dataset("cityscapes", tmp_path / "data", "val", label_map.source)[0]
+    prediction = predict_branches(load_model(checkpoint), sample["image"], ["sub124"], "cpu")["sub124"]
+    matrix = ConfusionMatrix(11)
+    matrix.update(torch.from_numpy(label_map.lut[sample["label"]]), torch.from_numpy(label_map.lut[prediction.numpy()]))
+    assert report["miou"] == pytest.approx(matrix.report(label_map.target.names)["miou"])
+    # CamVid labels and a Cityscapes model: the predictions are mapped
+    camvid = tmp_path / "camvid"
+    (camvid / "test").mkdir(parents=True)
+    (camvid / "testannot").mkdir()
+    cv2.imwrite(str(camvid / "test" / "f.png"), sample["image"][..., ::-1])
+    cv2.imwrite(str(camvid / "testannot" / "f.png"), label_map.lut[sample["label"]].astype(np.uint8))
+    (camvid / "test.txt").write_text("/x/test/f.png /x/testannot/f.png\n")
+    args[2:7] = ["camvid", "--data-root", str(camvid), "--split", "test"]
+    assert main(args) == 0
+    on_camvid = json.loads((tmp_path / "r.json").read_text())["branches"]["sub124"]
+    assert on_camvid["miou"] == pytest.approx(report["miou"], abs=1e-6)  # the same pixels, the same answer
+
+
+def test_evaluate_at_the_frames_own_size_differs_from_the_checkpoint_size(tmp_path):
+    """--input-size frame must run the network at each frame's size, not fall back to the checkpoint's."""
+    import json
+
+    from conftest import trained_bn_model
+
+    from icnet_ros.data.synthetic import make_drives
+    from icnet_ros.evaluation.cli import main
+    from icnet_ros.model.checkpoint import save_model
+    from icnet_ros.model.preprocess import network_size, parse_input_size
+
+    assert network_size((64, 128), parse_input_size("frame", (32, 0))) == (64, 128)
+    assert network_size((64, 128), parse_input_size("checkpoint", (32, 0))) == (32, 64)
+    make_drives(tmp_path / "data", {"val": 2}, 64, 128)
+    model = trained_bn_model(num_classes=19, class_map="cityscapes")
+    model.config = dataclasses.replace(model.config, input_size=(32, 0))
+    checkpoint = save_model(tmp_path / "m.safetensors", model)
+    reports = {}
+    for size in ("frame", "checkpoint", "64x128"):
+        args = [str(checkpoint), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"), "--split", "val",
+                "--input-size", size, "--json", str(tmp_path / f"{size}.json")]
+        assert main(args) == 0
+        reports[size] = json.loads((tmp_path / f"{size}.json").read_text())["branches"]["sub124"]
+    assert reports["frame"] == reports["64x128"] != reports["checkpoint"]

@@ -11,7 +11,13 @@ from conftest import trained_bn_model
 
 from icnet_ros.config import ConfigError
 from icnet_ros.model.checkpoint import CheckpointError, save_model
-from icnet_ros.model.registry import DEMO_KEEP_RATE, checkpoint_name, demo_weights, resolve_checkpoint
+from icnet_ros.model.registry import (
+    DEMO_KEEP_RATE,
+    ResolvedCheckpoint,
+    checkpoint_name,
+    demo_weights,
+    resolve_checkpoint,
+)
 from icnet_ros.ros.node_config import (
     NodeConfig,
     default_params_file,
@@ -44,7 +50,8 @@ def test_every_parameter_is_described_and_typed():
 
 def test_branch_alpha_and_outputs_are_the_runtime_parameters():
     dynamic = dynamic_parameters()
-    assert {"branch", "overlay_alpha", "publish_labels", "publish_color", "publish_overlay"} <= dynamic
+    assert {"branch", "overlay_alpha", "publish_labels", "publish_color", "publish_overlay", "jpeg_quality",
+            "visual_scale"} <= dynamic
     assert not {"model", "dataset", "keep_rate", "device", "precision", "image_topics", "input_transport"} & dynamic
 
 
@@ -56,6 +63,9 @@ def test_branch_alpha_and_outputs_are_the_runtime_parameters():
     ({"input_transport": "theora"}, "['raw', 'compressed']"),
     ({"device": "gpu"}, "auto, cpu, cuda, cuda:N"),
     ({"overlay_alpha": 1.5}, "[0.0, 1.0]"),
+    ({"visual_scale": 0.0}, "visual_scale: 0.0 is outside the allowed range [0.05, 1.0]"),
+    ({"visual_scale": 2.0}, "[0.05, 1.0]"),
+    ({"jpeg_quality": 0}, "jpeg_quality: 0 is outside the allowed range [1, 100]"),
     ({"input_qos_depth": 0}, "[1, 100]"),
     ({"publish_labels": False, "publish_color": False, "publish_overlay": False}, "at least one of"),
     ({"image_topics": []}, "at least one camera"),
@@ -88,10 +98,22 @@ def test_node_section_overrides_the_wildcard_section(tmp_path):
 
 
 # --- selecting the checkpoint ------------------------------------------------------------------------
-def test_default_settings_select_the_bundled_demo_weights():
-    resolved = resolve_checkpoint("", "", "cityscapes", DEMO_KEEP_RATE)
-    assert resolved.is_demo and resolved.path == demo_weights()
-    assert demo_weights().stat().st_size < 10 * 2**20
+def test_default_settings_select_the_bundled_real_street_cityscapes_model():
+    from icnet_ros.model.registry import cityscapes_weights
+
+    defaults = NodeConfig()
+    resolved = resolve_checkpoint(defaults.model, defaults.model_dir, defaults.dataset, defaults.keep_rate)
+    assert not resolved.is_demo and resolved.path == cityscapes_weights()
+    assert cityscapes_weights().stat().st_size < 10 * 2**20
+
+
+def test_bundled_models_are_selected_by_name():
+    from icnet_ros.model.registry import camvid_weights
+
+    assert resolve_checkpoint("demo", "", "cityscapes", DEMO_KEEP_RATE) == ResolvedCheckpoint(demo_weights(), True)
+    assert resolve_checkpoint("camvid", "", "camvid", 0.25).path == camvid_weights()
+    with pytest.raises(CheckpointError, match="predicts the 'cityscapes' class map, not 'camvid'"):
+        resolve_checkpoint("demo", "", "camvid", 0.25)
 
 
 def test_camvid_at_0_25_selects_the_bundled_real_street_model():

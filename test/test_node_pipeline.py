@@ -6,9 +6,11 @@ Messages are rosbags classes (what a recording holds); the node runs the same co
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import types
+import weakref
 
 import cv2
 import numpy as np
@@ -536,6 +538,101 @@ def test_camera_info_is_relayed_with_the_outputs_header(engine):
     assert package_typestore().deserialize_cdr(raw, "sensor_msgs/msg/CameraInfo").header.frame_id == "front_camera"
 
 
+# --- cheaper visual outputs: compressed, and at a reduced size ----------------------------------------
+VISUAL_MESSAGES = ("color", "color/compressed", "overlay", "overlay/compressed")
+JPEG_95_MEAN_ERROR = 4.0  # grey levels (sharp class edges cost most); channels swapped: off by 37 and more
+
+
+def decoded_jpeg(message) -> np.ndarray:
+    """The pixels of a published CompressedImage after a CDR round trip, as a subscriber gets them (BGR)."""
+    store = package_typestore()
+    received = store.deserialize_cdr(store.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"),
+                                     "sensor_msgs/msg/CompressedImage")
+    return cv2.imdecode(np.asarray(received.data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def raw_pixels(message) -> np.ndarray:
+    return np.asarray(message.data).reshape(message.height, message.width, -1)
+
+
+def test_no_jpeg_is_encoded_for_a_compressed_topic_nobody_subscribes_to(engine, monkeypatch):
+    from icnet_ros.ros import publisher
+
+    encoded = []
+    monkeypatch.setattr(publisher, "image_to_jpeg", lambda *args, **kwargs: encoded.append(args[1]))
+    recording, subscribers = RecordingEngine(engine), Subscribers("labels", "color", "overlay")
+    rig = Rig(recording, demand=subscribers)
+    rig.processor.process([incoming(image_message(frame_pixels(60)))])
+    assert encoded == [] and set(rig.outputs(0)) == {"labels", "color", "overlay", "timing"}
+    subscribers.outputs = {"overlay/compressed"}  # a compressed subscriber alone: its output is computed
+    rig.published.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(61)))])
+    assert recording.asked[-1] == {"overlay"} and encoded == ["rgb8"]
+    assert list(rig.outputs(0)["timing"].outputs) == ["overlay/compressed"]
+
+
+def test_published_jpegs_decode_to_the_color_and_overlay_published_raw(engine):
+    camera_like = cv2.GaussianBlur(frame_pixels(62), (9, 9), 3)  # JPEG is made for images, not noise
+    rig = Rig(engine, with_changes(Rig(engine).config, {"jpeg_quality": 95}), demand=Subscribers(*VISUAL_MESSAGES))
+    rig.processor.process([incoming(image_message(camera_like, "bgr8"))])
+    out = rig.outputs(0)
+    assert list(out["timing"].outputs) == list(VISUAL_MESSAGES)
+    color_rgb, overlay_bgr = raw_pixels(out["color"]), raw_pixels(out["overlay"])
+    for decoded, expected in ((decoded_jpeg(out["color/compressed"]), color_rgb[..., ::-1]),
+                              (decoded_jpeg(out["overlay/compressed"]), overlay_bgr)):
+        assert decoded.shape == expected.shape
+        error = np.abs(decoded.astype(np.int16) - expected.astype(np.int16))
+        assert error.mean() < JPEG_95_MEAN_ERROR, error.mean()  # lossy: close, not exact
+    for name in ("color/compressed", "overlay/compressed"):
+        assert out[name].header == out["color"].header
+
+
+@pytest.mark.parametrize("encoding,overlay_format", [
+    ("rgb8", "rgb8; jpeg compressed bgr8"), ("bgr8", "bgr8; jpeg compressed bgr8"),
+    ("rgba8", "rgba8; jpeg compressed bgr8"), ("bgra8", "bgra8; jpeg compressed bgr8"),
+    ("mono8", "rgb8; jpeg compressed bgr8"),
+])
+def test_compressed_formats_are_the_ones_image_transport_writes(engine, encoding, overlay_format):
+    """compressed_image_transport writes '<encoding>; jpeg compressed bgr8' for colour images: its
+    subscribers (RViz, image_view) decode the BGR JPEG back into the named encoding."""
+    from icnet_ros.ros.image_conversion import compressed_to_rgb
+
+    rig = Rig(engine, demand=Subscribers(*VISUAL_MESSAGES))
+    rig.processor.process([incoming(image_message(frame_pixels(63), encoding))])
+    out = rig.outputs(0)
+    assert out["color/compressed"].format == "rgb8; jpeg compressed bgr8"
+    assert out["overlay/compressed"].format == overlay_format
+    assert compressed_to_rgb(out["color/compressed"]).shape == (HEIGHT, WIDTH, 3)  # the package's own decoder
+
+
+def test_visual_scale_shrinks_color_and_overlay_but_never_labels(engine):
+    full = Rig(engine, demand=Subscribers("labels", *VISUAL_MESSAGES))
+    half = Rig(engine, with_changes(full.config, {"visual_scale": 0.5}), demand=Subscribers("labels", *VISUAL_MESSAGES))
+    for rig in (full, half):
+        rig.processor.process([incoming(image_message(frame_pixels(64), "bgra8"))])
+    small, large = half.outputs(0), full.outputs(0)
+    assert (small["labels"].height, small["labels"].width) == (HEIGHT, WIDTH)
+    np.testing.assert_array_equal(small["labels"].data, large["labels"].data)
+    for name in ("color", "overlay"):
+        assert (small[name].height, small[name].width) == (HEIGHT // 2, WIDTH // 2)
+        assert decoded_jpeg(small[f"{name}/compressed"]).shape[:2] == (HEIGHT // 2, WIDTH // 2)
+    assert small["overlay"].encoding == "bgra8" and (raw_pixels(small["overlay"])[..., 3] == 7).all()
+    full_colors = {tuple(pixel) for pixel in raw_pixels(large["color"]).reshape(-1, 3)}
+    assert {tuple(pixel) for pixel in raw_pixels(small["color"]).reshape(-1, 3)} <= full_colors  # class colors only
+
+
+def test_visual_scale_and_jpeg_quality_change_between_frames(engine):
+    rig = Rig(engine, demand=Subscribers("color", "color/compressed"))
+    rig.processor.process([incoming(image_message(frame_pixels(65)))])
+    first = rig.outputs(0)
+    rig.set_config(with_changes(rig.config, {"visual_scale": 0.25, "jpeg_quality": 10}))
+    rig.published.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(65)))])
+    second = rig.outputs(0)
+    assert (second["color"].height, second["color"].width) == (HEIGHT // 4, WIDTH // 4)
+    assert len(second["color/compressed"].data) < len(first["color/compressed"].data)
+
+
 # --- clocks and missing frames -------------------------------------------------------------------------
 def test_a_stamp_on_another_clock_is_reported_not_taken_for_a_latency(engine):
     """The first real run: a bag replayed without use_sim_time reported a latency of 9.6e10 ms."""
@@ -683,6 +780,28 @@ def test_a_worker_stopped_with_a_frame_in_flight_finishes_it():
     worker.start()
     assert worker.stop(5.0)
     assert events == [("start", 7), ("finish", 7)]
+
+
+def test_cleanup_frees_the_engine_and_its_model_at_once(monkeypatch):
+    """The node's cleanup drops the session: the engine, its folded weights and the model must go with
+    it right then (so that empty_cache() can give their device memory back), not at some later garbage
+    collection. With the collector off, only reference counting frees them: no cycle may remain."""
+    model = trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid")
+    engine = SegmentationEngine(model, device="cpu")
+    published = []
+    session = _session(engine, lambda camera, name, message: published.append(name))
+    gone = [weakref.ref(item) for item in (engine, engine.weights("fp32"), model, session, session.processor)]
+    gc.collect()
+    gc.disable()
+    try:
+        session.start(Clock()())
+        session.frame_arrived(0, image_message(frame_pixels(70)), False, Clock()())
+        _wait_for(lambda: "timing" in published)
+        assert session.stop(5.0)
+        del session, engine, model
+        assert [ref() is None for ref in gone] == [True] * len(gone)
+    finally:
+        gc.enable()
 
 
 def _session(engine, publish, config=None):

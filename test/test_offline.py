@@ -13,7 +13,7 @@ from icnet_ros.classmap import load_class_map
 from icnet_ros.inference import SegmentationEngine
 from icnet_ros.inference.offline import main, output_topics
 from icnet_ros.model.checkpoint import save_model
-from icnet_ros.visualization import colorize
+from icnet_ros.visualization import colorize, draw_legend, present_classes
 
 SIZE = (64, 96)
 
@@ -207,9 +207,15 @@ def test_side_by_side_pictures_show_the_camera_and_its_overlay(tmp_path, checkpo
     assert main([str(checkpoint), str(tmp_path / "images"), "--out", str(out), "--device", "cpu",
                  "--side-by-side", "--no-labels", "--no-color"]) == 0
     pair = cv2.cvtColor(read_png(out / "side_by_side" / "img_0.png"), cv2.COLOR_BGR2RGB)
-    assert pair.shape == (SIZE[0], 2 * SIZE[1], 3)
-    assert np.array_equal(pair[:, :SIZE[1]], frames[0])
-    assert np.array_equal(pair[:, SIZE[1]:], engine.segment(frames[0], overlay=True).overlay)
+    seg = engine.segment(frames[0], overlay=True)
+    class_map = load_class_map("cityscapes")
+    present = present_classes(seg.labels, class_map.num_classes)
+    legend = draw_legend(class_map, present, 2 * SIZE[1])  # below the panels: the classes they show
+    assert present and legend.shape[0] > 0
+    assert pair.shape == (SIZE[0] + legend.shape[0], 2 * SIZE[1], 3)
+    assert np.array_equal(pair[:SIZE[0], :SIZE[1]], frames[0])
+    assert np.array_equal(pair[:SIZE[0], SIZE[1]:], seg.overlay)
+    assert np.array_equal(pair[SIZE[0]:], legend)
     assert not (out / "labels").exists()
 
 

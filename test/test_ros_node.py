@@ -1,5 +1,6 @@
 """The segmentation node under a real rclpy: topics, headers, diagnostics, parameters, bad frames,
-lazy outputs, camera_info, clocks, the lifecycle, namespaces and remapping, start-up errors, shutdown.
+lazy outputs, compressed and reduced-size visual outputs, camera_info, clocks, the lifecycle,
+namespaces and remapping, start-up errors, shutdown.
 
 These tests need a sourced ROS 2 (Humble or Jazzy) workspace in which icnet_ros was built with
 colcon (for the generated icnet_ros.msg), and skip everywhere else with the reason. The frame
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ try:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CameraInfo, Image
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
     from icnet_ros.ros.node import SegmentationNode
 except ImportError as error:
@@ -226,6 +228,40 @@ def test_only_subscribed_outputs_are_computed_and_camera_info_is_relayed(ros):
     assert sorted(latest.outputs) == ["camera_info", "labels"]  # nobody subscribed to color or overlay
 
 
+def test_compressed_visual_outputs_are_jpegs_as_image_transport_publishes_them(ros):
+    """segmentation/{color,overlay}/compressed: sensor_msgs/CompressedImage with image_transport's
+    format string, decoding to the image, published only to their own subscribers."""
+    _node, probe, executor = ros
+    compressed = {name: _collect(probe, f"{OUT}/{name}/compressed", CompressedImage) for name in ("color", "overlay")}
+    timings = _collect(probe, f"{OUT}/timing", SegmentationTiming)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    image = _camera_image("bgr8")
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    _publish_until(executor, camera, image, lambda: all(compressed.values()) and timings)
+    assert compressed["color"][0].format == "rgb8; jpeg compressed bgr8"
+    assert compressed["overlay"][0].format == "bgr8; jpeg compressed bgr8"  # the camera's encoding
+    for messages in compressed.values():
+        assert messages[0].header.stamp == image.header.stamp and messages[0].header.frame_id == "test_camera"
+        decoded = cv2.imdecode(np.frombuffer(bytes(messages[0].data), np.uint8), cv2.IMREAD_COLOR)
+        assert decoded.shape == (96, 160, 3)
+    assert sorted(timings[-1].outputs) == ["color/compressed", "overlay/compressed"]  # nothing raw: no subscriber
+
+
+def test_visual_scale_shrinks_the_visual_outputs_at_runtime_but_not_labels(ros):
+    node, probe, executor = ros
+    labels, colors = _collect(probe, f"{OUT}/labels", Image), _collect(probe, f"{OUT}/color", Image)
+    overlays = _collect(probe, f"{OUT}/overlay/compressed", CompressedImage)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    assert node.set_parameters([Parameter("visual_scale", Parameter.Type.DOUBLE, 0.5)])[0].successful
+    assert not node.set_parameters([Parameter("visual_scale", Parameter.Type.DOUBLE, 0.0)])[0].successful
+    _publish_until(executor, camera, _camera_image(), lambda: labels and colors and overlays)
+    assert (labels[-1].height, labels[-1].width) == (96, 160)
+    assert (colors[-1].height, colors[-1].width) == (48, 80)
+    decoded = cv2.imdecode(np.frombuffer(bytes(overlays[-1].data), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape[:2] == (48, 80)
+
+
 def test_a_recording_replayed_without_sim_time_reports_no_latency_but_the_clock_mismatch(ros):
     node, probe, executor = ros
     timings = _collect(probe, f"{OUT}/timing", SegmentationTiming)
@@ -346,6 +382,28 @@ def test_demo_runs_headless_where_rviz_is_not_installed(tmp_path):
         output += launch.communicate(timeout=60)[0]
     assert launch.returncode == 0, output
     assert not _our_processes(), output
+
+
+@pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
+def test_demo_follows_the_bags_clock_so_latency_is_measured():
+    """The first soak of demo:=true ran the node on wall time against the recording's stamps:
+    latency NaN and a clock-mismatch warning. A bag the launch plays now sets the time."""
+    launch = _ros2_launch("demo:=true", "device:=cpu", "rviz:=false")
+    output, deadline = "", time.monotonic() + 240
+    try:
+        while "segmenting /camera/image_raw" not in output:
+            assert time.monotonic() < deadline and launch.poll() is None, output
+            output += launch.stdout.readline()
+        sim_time = subprocess.run(["ros2", "param", "get", "--no-daemon", "/camera/icnet_segmentation", "use_sim_time"],
+                                  capture_output=True, text=True, timeout=60, check=False).stdout.strip()
+        timing = subprocess.run(["ros2", "topic", "echo", "--once", "/camera/segmentation/timing"],
+                                capture_output=True, text=True, timeout=120, check=False).stdout
+    finally:
+        os.killpg(launch.pid, signal.SIGINT)
+        output += launch.communicate(timeout=60)[0]
+    assert sim_time == "Boolean value is: True", sim_time
+    latency = [line.split(":", 1)[1].strip() for line in timing.splitlines() if line.startswith("latency_ms:")]
+    assert latency and latency[0] != ".nan" and float(latency[0]) >= 0, timing
 
 
 @pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")

@@ -285,3 +285,144 @@ def test_tensorrt_fp16_agrees_with_fp32_eager_and_is_cached(model, tmp_path):
     assert np.array_equal(again.segment(frames[0]).labels, mine[0])
     assert sorted(tmp_path.glob("*.engine")) == cached and cached[0].stat().st_mtime_ns == mtime
     assert engine.backend_memory_bytes() > 0
+
+
+# --- running a batch, against a stand-in of TensorRT 10's runtime ------------------------------------------
+class FakeRuntimeTensorRT:
+    """TensorRT 10's runtime API as TensorRTModule uses it, run on the CPU: a 'network' of the static
+    shapes given (input (1, 3, H, W) float32, output (1, C, h, w)), computing `network` from the memory
+    at the addresses it was given (read through ctypes, as the real engine reads device memory).
+
+    Like the real context, set_tensor_address refuses (returns False, keeps the old address) an
+    address that is not 256-byte aligned, or a name it does not know; execute_async_v3 returns False
+    while an address was never set, or when `fail_execute` is set.
+    """
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class DataType:
+        FLOAT, HALF = "float", "half"
+
+    def __init__(self, input_shape, output_shape, network, output_dtype=torch.float32, fail_execute=False):
+        fake = self
+        self.executions: list[dict] = []
+        self.refused: list[tuple[str, int]] = []
+
+        class Logger:
+            WARNING = "warning"
+
+            def __init__(self, level):
+                pass
+
+        class Context:
+            def __init__(self):
+                self.addresses = {}
+
+            def set_tensor_address(self, name, address):
+                if name not in ("image", "logits") or address % 256:
+                    fake.refused.append((name, address))
+                    return False
+                self.addresses[name] = address
+                return True
+
+            def execute_async_v3(self, stream):
+                if fail_execute or set(self.addresses) != {"image", "logits"}:  # an address never set: refused
+                    return False
+                image = _at(self.addresses["image"], input_shape, torch.float32)
+                logits = _at(self.addresses["logits"], output_shape, output_dtype)
+                logits.copy_(network(image))
+                fake.executions.append({"stream": stream, **self.addresses})
+                return True
+
+        class Engine:
+            num_io_tensors = 2
+
+            def get_tensor_name(self, index):
+                return ("image", "logits")[index]
+
+            def get_tensor_mode(self, name):
+                return fake.TensorIOMode.INPUT if name == "image" else fake.TensorIOMode.OUTPUT
+
+            def get_tensor_shape(self, name):
+                return input_shape if name == "image" else output_shape
+
+            def get_tensor_dtype(self, name):
+                if name == "logits" and output_dtype == torch.float16:
+                    return fake.DataType.HALF
+                return fake.DataType.FLOAT
+
+            def create_execution_context(self):
+                return Context()
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                return Engine()
+
+        self.Logger, self.Runtime = Logger, Runtime
+
+
+def _at(address: int, shape, dtype) -> torch.Tensor:
+    """The CPU memory at `address` as a tensor of `shape` (what an engine reads and writes)."""
+    import ctypes
+
+    count = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_uint8 * count).from_address(address), dtype=torch.uint8).view(dtype).view(shape)
+
+
+def toy_network(channels, size):
+    def network(image):  # (1, 3, H, W) -> (1, channels, h, w), every channel different
+        pooled = torch.nn.functional.adaptive_avg_pool2d(image, size)
+        return torch.cat([pooled.sum(1, keepdim=True) * (c + 1) + c for c in range(channels)], 1)
+    return network
+
+
+@pytest.fixture
+def cpu_stream(monkeypatch):
+    """torch.cuda.current_stream on a CPU machine: a stream handle for execute_async_v3."""
+    stream = type("Stream", (), {"cuda_stream": 1234})()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    return stream
+
+
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("size, batch", [((33, 65), 4), ((33, 65), 1), ((32, 64), 3)])
+def test_every_frame_of_a_batch_runs_at_aligned_addresses(cpu_stream, size, batch, output_dtype):
+    """A frame's slice of a batch is not 256-byte aligned (here 3x33x65 float32 is 140 bytes past),
+    which TensorRT refuses: each frame must still be computed from its own pixels."""
+    network = toy_network(5, (9, 17))
+    trt = FakeRuntimeTensorRT((1, 3, *size), (1, 5, 9, 17), network, output_dtype)
+    module = tensorrt.TensorRTModule(trt, b"engine", torch.device("cpu"))
+    x = torch.rand(batch, 3, *size) * 255
+    if batch == 1:
+        x = torch.rand(2 * x.numel() + 64)[16:16 + x.numel()].view(x.shape)  # a misaligned start: 64 bytes past
+    out = module.run(x)
+    assert trt.refused == [] and len(trt.executions) == batch
+    assert out.shape == (batch, 5, 9, 17) and out.dtype == output_dtype and out.is_contiguous()
+    for index in range(batch):
+        assert torch.equal(out[index:index + 1], network(x[index:index + 1]).to(output_dtype)), index
+    images = {run["image"] for run in trt.executions}
+    assert len(images) == batch and all(address % 256 == 0 for address in images)
+    assert {run["stream"] for run in trt.executions} == {1234}
+
+
+def test_a_refused_address_or_a_failed_execution_is_an_error(cpu_stream, monkeypatch):
+    network = toy_network(2, (4, 8))
+    x = torch.rand(2, 3, 32, 64)
+    refusing = FakeRuntimeTensorRT((1, 3, 32, 64), (1, 2, 4, 8), network)
+    module = tensorrt.TensorRTModule(refusing, b"engine", torch.device("cpu"))
+    module.output_name = "scores"  # a name this engine does not have: the context refuses it
+    with pytest.raises(tensorrt.TensorRTError, match="refused the address .* of tensor 'scores'"):
+        module.run(x)
+    failing = FakeRuntimeTensorRT((1, 3, 32, 64), (1, 2, 4, 8), network, fail_execute=True)
+    with pytest.raises(tensorrt.TensorRTError, match="execute_async_v3 failed"):
+        tensorrt.TensorRTModule(failing, b"engine", torch.device("cpu")).run(x)
+    # an unaligned address never reaches the context: the module stages the batch instead
+    monkeypatch.setattr(tensorrt, "is_aligned", lambda batch: True)  # as the old code assumed
+    trusting = FakeRuntimeTensorRT((1, 3, 33, 65), (1, 2, 4, 8), network)
+    with pytest.raises(tensorrt.TensorRTError, match=r"must be 256-byte aligned; this one is \d+ bytes past"):
+        tensorrt.TensorRTModule(trusting, b"engine", torch.device("cpu")).run(
+            tensorrt.aligned_frames((2, 3, 33, 65), torch.float32, "cpu").contiguous())

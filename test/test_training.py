@@ -20,7 +20,7 @@ def test_batches_depend_only_on_seed_and_iteration():
 
 def test_every_sample_is_seen_once_per_epoch():
     batches = list(IterationBatches(12, 4, 3, seed=0))
-    assert sorted(index for batch in batches for index, _, _ in batch) == list(range(12))
+    assert sorted(index for batch in batches for _, index, _, _ in batch) == list(range(12))
 
 
 def test_processes_split_the_global_batch_without_overlap():
@@ -39,9 +39,28 @@ def test_poly_learning_rate():
 
 
 @pytest.mark.parametrize("name", ["cityscapes", "camvid", "cocostuff", "synthetic"])
-def test_shipped_training_configs_load(name):
+def test_shipped_training_configs_train_every_branch_and_the_full_resolution_one_most(name):
+    """What the cascade's weights do, not their values: with each shipped config's weights, a mistake
+    in any branch raises the loss, and one in the full-resolution branch (what the node publishes)
+    raises it most."""
     config = load_config(TrainConfig, CONFIG_DIR / f"{name}.yaml")
-    assert config.loss_weights == (0.4, 0.4, 1.0)
+    branches = ("sub4", "sub24", "sub124")
+    criterion = CascadeLoss(dict(zip(branches, config.loss_weights)))
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    sizes = {"sub4": 4, "sub24": 8, "sub124": 16}  # the branches' own resolutions: 1/8, 1/4, 1/2 of the labels
+
+    def logits(wrong: str | None) -> dict:
+        out = {}
+        for branch, size in sizes.items():
+            scores = torch.zeros(1, 3, size, size)
+            scores[:, 1 if branch == wrong else 0] = 5.0  # the wrong branch says class 1 everywhere
+            out[branch] = scores
+        return out
+
+    right = float(criterion(logits(None), labels)[0])
+    worse = {branch: float(criterion(logits(branch), labels)[0]) - right for branch in branches}
+    assert all(increase > 1e-3 for increase in worse.values()), worse
+    assert worse["sub124"] == max(worse.values()), worse
 
 
 def test_paper_defaults_per_dataset():
@@ -218,7 +237,7 @@ def test_median_frequency_weights_favour_rare_classes(tmp_path):
     root = write_tiny_cityscapes(tmp_path / "data", frames=(("train", 4),))
     class_map = load_class_map("cityscapes")
     dataset = build_dataset("cityscapes", root, "train", class_map)
-    frequencies = class_frequencies(dataset, class_map)
+    frequencies = class_frequencies([dataset], class_map.num_classes, class_map.ignore_index)
     present = [0, 2, 8, 10, 13]
     assert np.isfinite(frequencies[present]).all() and np.isnan(np.delete(frequencies, present)).all()
     weights = median_frequency_weights(frequencies)

@@ -187,6 +187,9 @@ def cityscapes_val9_pairs(root: Path, split: str) -> list[Pair]:
 
 LAYOUTS = {"cityscapes": cityscapes_pairs, "camvid": camvid_pairs, "cocostuff": cocostuff_pairs,
            "cityscapes_val9": cityscapes_val9_pairs}
+# the class map each layout's labels are written in (config/classmaps/<name>.yaml)
+LAYOUT_CLASS_MAPS = {"cityscapes": "cityscapes", "camvid": "camvid", "cocostuff": "cocostuff",
+                     "cityscapes_val9": "cityscapes"}
 
 
 def build_dataset(name: str, root: str | Path, split: str, class_map: ClassMap,

@@ -16,7 +16,7 @@ import torch
 
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import available_label_maps, load_class_map, load_label_map
-from icnet_ros.data.datasets import DatasetError, build_dataset
+from icnet_ros.data.datasets import LAYOUT_CLASS_MAPS, DatasetError, build_dataset
 from icnet_ros.evaluation.evaluate import cityscapes_prediction_writer, evaluate
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import BRANCHES
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.checkpoint, map_location=args.device)
         class_map = load_class_map(model.config.class_map)
         input_size = parse_input_size(args.input_size, model.config.input_size)
-        dataset = load_scored_dataset(args, class_map)
+        dataset, scored_map, prediction_lut = load_scored_dataset(args, class_map)
     except (ValueError, FileNotFoundError) as error:
         print(f"icnet-evaluate: {error}", file=sys.stderr)
         return 1
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.predictions is not None:
         writer = cityscapes_prediction_writer(args.predictions, class_map, "sub124")
     try:
-        report = evaluate(model, dataset, class_map, args.device, args.branches, input_size, writer)
+        report = evaluate(model, dataset, scored_map, args.device, args.branches, input_size, writer,
+                          prediction_lut=prediction_lut)
     except DatasetError as error:
         hint = "" if args.label_map else f" (labels of another class map? --label-map takes {available_label_maps()})"
         print(f"icnet-evaluate: {error}{hint}", file=sys.stderr)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
               "label_map": args.label_map, "input_size": args.input_size, "images": len(dataset),
               "skipped": [path for path, _ in dataset.skipped], "branches": report}
-    print(format_report(report, class_map.names))
+    print(format_report(report, scored_map.names))
     for path, reason in dataset.skipped:
         print(f"skipped: {reason}", file=sys.stderr)
     if dataset.skipped:
@@ -80,15 +81,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_scored_dataset(args, class_map):
-    """The dataset whose labels are scored in the model's class map (through --label-map if given)."""
+    """(dataset, class map scored, lookup table from the model's classes to it or None).
+
+    With --label-map SOURCE_to_TARGET everything is scored in TARGET's classes: labels of the
+    SOURCE class map are relabelled (a CamVid model on Cityscapes frames), and so are the
+    predictions of a SOURCE model (a Cityscapes model on CamVid frames, or on Cityscapes frames
+    scored as CamVid's classes).
+    """
     if args.label_map is None:
-        return build_dataset(args.dataset, args.data_root, args.split, class_map, skip_bad=args.skip_bad)
+        return build_dataset(args.dataset, args.data_root, args.split, class_map, skip_bad=args.skip_bad), class_map, None
     label_map = load_label_map(args.label_map)
-    if label_map.target.name != class_map.name:
-        raise ValueError(f"label map {args.label_map} gives {label_map.target.name!r} classes but the model "
-                         f"predicts {class_map.name!r}; pick a label map whose target is {class_map.name!r}")
-    return build_dataset(args.dataset, args.data_root, args.split, label_map.source, skip_bad=args.skip_bad,
-                         relabel=label_map.lut)
+    source, target = label_map.source, label_map.target
+    labels_in = LAYOUT_CLASS_MAPS[args.dataset]
+    if class_map.name not in (source.name, target.name) or labels_in not in (source.name, target.name):
+        raise ValueError(f"label map {args.label_map} maps {source.name!r} to {target.name!r} classes, but the model "
+                         f"predicts {class_map.name!r} and {args.dataset} is labelled in {labels_in!r}; pick a label "
+                         f"map between those two")
+    if class_map.name == target.name and labels_in == target.name:
+        raise ValueError(f"the model and {args.dataset} both use {target.name!r} classes: no --label-map is needed")
+    relabel = label_map.lut if labels_in == source.name else None
+    dataset = build_dataset(args.dataset, args.data_root, args.split, source if relabel is not None else target,
+                            skip_bad=args.skip_bad, relabel=relabel)
+    predictions = None
+    if class_map.name == source.name:
+        predictions = label_map.lut[:source.num_classes]
+        if (predictions == target.ignore_index).any():
+            unmapped = [n for n, t in zip(source.names, predictions) if t == target.ignore_index]
+            raise ValueError(f"label map {args.label_map} maps {unmapped} to nothing; predictions of every class "
+                             f"need a {target.name!r} class to be scored")
+    return dataset, target, predictions
 
 
 def format_report(report: dict, class_names) -> str:
@@ -99,7 +120,7 @@ def format_report(report: dict, class_names) -> str:
              "| class | " + " | ".join(branches) + " |", "|---" * (len(branches) + 1) + "|"]
     for name in class_names:
         lines.append(f"| {name} | " + " | ".join(pct(report["branches"][b]["iou"][name]) for b in branches) + " |")
-    for key in ("miou", "pixel_acc"):
+    for key in ("miou", "miou_labelled", "pixel_acc"):
         lines.append(f"| **{key}** | " + " | ".join(pct(report["branches"][b][key]) for b in branches) + " |")
     return "\n".join(lines)
 

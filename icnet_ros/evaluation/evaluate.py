@@ -42,9 +42,12 @@ def shard(indices: range) -> Iterable[int]:
 def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=BRANCHES,
              input_size: tuple[int, int] | None = None,
              on_prediction: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
-             progress: bool = True) -> dict[str, dict]:
+             progress: bool = True, prediction_lut: np.ndarray | None = None) -> dict[str, dict]:
     """{branch: {'miou', 'pixel_acc', 'iou': {class: IoU}}} over every sample of `dataset`.
 
+    class_map: the classes scored, those of the dataset's labels. prediction_lut maps the model's
+    class ids to them when the model predicts another class map (LabelMap.lut: a Cityscapes model
+    scored on CamVid labels); on_prediction still sees the model's own classes.
     Branches the model does not have (an imported evaluation net has sub124 only) are left out.
     """
     branches = [b for b in branches if b in model.config.branches]
@@ -53,13 +56,15 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
     was_training = model.training
     model.eval()
     matrices = {b: ConfusionMatrix(class_map.num_classes, class_map.ignore_index) for b in branches}
+    to_scored = None if prediction_lut is None else torch.from_numpy(np.asarray(prediction_lut, dtype=np.int64))
     indices = shard(range(len(dataset)))
     for index in tqdm(indices, desc="evaluate", disable=not progress, leave=False):
         sample = dataset[index]
         predictions = predict_branches(model, sample["image"], branches, device, input_size)
         target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))
         for branch, labels in predictions.items():
-            matrices[branch].update(target, labels.cpu())
+            labels = labels.cpu()
+            matrices[branch].update(target, labels if to_scored is None else to_scored[labels])
         if on_prediction is not None:
             on_prediction(sample, predictions)
     model.train(was_training)

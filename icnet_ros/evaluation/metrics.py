@@ -48,11 +48,18 @@ class ConfusionMatrix:
         return float(self.matrix.diag().sum()) / total if total else math.nan
 
     def report(self, class_names) -> dict:
-        """{'miou', 'pixel_acc', 'iou': {class: value or None}} with NaN shown as None (JSON-safe)."""
+        """{'miou', 'miou_labelled', 'pixel_acc', 'iou': {class: value or None}}, NaN shown as None (JSON-safe).
+
+        miou_labelled averages only the classes the ground truth contains: on a handful of frames a
+        class predicted somewhere but absent from every label scores 0 in mIoU, which then says
+        as much about the frames chosen as about the model.
+        """
         iou = self.iou()
         present = iou[~np.isnan(iou)]
+        labelled = iou[self.matrix.sum(1).numpy() > 0]
         return {
             "miou": float(present.mean()) if present.size else None,
+            "miou_labelled": float(labelled.mean()) if labelled.size else None,
             "pixel_acc": _none_if_nan(self.pixel_accuracy()),
             "iou": {name: _none_if_nan(float(v)) for name, v in zip(class_names, iou)},
         }

@@ -9,7 +9,7 @@ from its cache), then:
   input), so load on the machine hits them alike: end-to-end wall time (uint8 host frames -> outputs
   on the host) and the time of each stage, forward included;
 - throughput: a stream of calls with one in flight (SegmentationEngine.segment_stream: on CUDA
-  the next frame uploads and the last one downloads while this one computes), frames per second;
+  the next frame is copied and uploads while this one computes and downloads), frames per second;
 - peak memory: on CUDA, what the backend needs for the configuration (its weights, graphs,
   activations and buffers, TensorRT's own memory included; other backends' weights excluded),
   measured over its throughput run with every other backend's graphs released; on CPU, the
@@ -488,8 +488,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:  # quick defaults apply only where the user gave no value of their own
+        given = argv if argv is not None else sys.argv[1:]
         explicit = {action.dest for action in parser._actions
-                    if any(option in (argv if argv is not None else sys.argv[1:]) for option in action.option_strings)}
+                    if any(word == option or word.startswith(f"{option}=")  # --warmup 0 or --warmup=0
+                           for option in action.option_strings for word in given)}
         for key, value in QUICK.items():
             if key not in explicit:
                 setattr(args, key, [parse_resolution(r) for r in value] if key == "resolutions" else value)

@@ -17,8 +17,10 @@ One call, three streams, ordered by events (never by the host):
                      outputs copied into lane.device_out
     download stream  lane.device_out -> fresh pinned host buffers         (frame k-1)
 
-Each shape keeps two lanes of device buffers (input and outputs), so the upload of the next call and
-the download of the previous one overlap the compute of this one; the static graph outputs are
+Each shape keeps two lanes of device buffers (input and outputs), so with two calls in flight the
+upload of the next call and the download of the previous one overlap the compute of this one (the
+node and segment_stream keep one call in flight: they collect frame k-1 before submitting frame
+k+1, so the upload of k+1 overlaps the compute and download of k); the static graph outputs are
 copied into the lane (a few microseconds of device bandwidth) so the next replay may overwrite them
 while they download. Host buffers come from PyTorch's pinned caching allocator per call, which
 reuses a block only once the copies that used it have finished; the arrays handed back are views of
@@ -31,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from icnet_ros.inference.graphs import DEFAULT_CAPACITY, GraphCache
+from icnet_ros.inference.graphs import DEFAULT_CAPACITY, Entry, GraphCache
 from icnet_ros.inference.plan import Plan, Stages, postprocess, run_stage
 from icnet_ros.inference.timing import StageTimings
 
@@ -84,6 +87,7 @@ class _Work:
     host: dict[str, torch.Tensor]
     events: dict[str, Any]
     host_upload_ms: float
+    own_buffers: Any = None  # the device buffers of a call that has no cache entry, kept until collected
 
 
 class CudaRunner:
@@ -100,7 +104,8 @@ class CudaRunner:
             self.compute_stream = torch.cuda.Stream(self.device)
             self.download_stream = torch.cuda.Stream(self.device)
             self.capture_stream = torch.cuda.Stream(self.device)
-        self.cache = GraphCache(self, capacity=cache_size, use_graphs=use_graphs)
+        # the cache calls back through a weak proxy: runner <-> cache would be a reference cycle
+        self.cache = GraphCache(weakref.proxy(self), capacity=cache_size, use_graphs=use_graphs)
 
     # --- the GraphCache's Capturer ----------------------------------------------------------------
     def allocate(self, plan: Plan) -> _Shape:
@@ -154,11 +159,18 @@ class CudaRunner:
             torch.cuda.empty_cache()  # a released graph's private pool returns to the device only here
 
     def _warm_up(self, function) -> None:
-        self.capture_stream.wait_stream(torch.cuda.current_stream(self.device))
+        """Run `function` on the capture stream, ordered after the compute stream's work and before its
+        next: the frame in flight and the warm-up may share state beyond PyTorch's allocator (the
+        TensorRT backend's one execution context per engine, whose activation memory every graph of
+        that engine replays), so they must never run at the same time."""
+        current = torch.cuda.current_stream(self.device)
+        self.capture_stream.wait_stream(current)
+        self.capture_stream.wait_stream(self.compute_stream)
         with torch.cuda.stream(self.capture_stream), torch.inference_mode():
             for _ in range(WARMUP_RUNS):
                 function()
-        torch.cuda.current_stream(self.device).wait_stream(self.capture_stream)
+        current.wait_stream(self.capture_stream)
+        self.compute_stream.wait_stream(self.capture_stream)
 
     def _capture(self, function, pool) -> tuple[Any, Any]:
         """(graph, output) of `function` captured on this device's capture stream, into `pool`."""
@@ -177,14 +189,22 @@ class CudaRunner:
 
     # --- the engine's calls ------------------------------------------------------------------------
     def prepare(self, plan: Plan) -> None:
-        """Allocate and capture everything `plan` needs now (start-up), not on its first frame."""
+        """Allocate and capture everything `plan` needs now (start-up), not on its first frame; off the
+        hot path, so it may evict the least recently used shape to make room."""
         with torch.cuda.device(self.device):
             self.cache.entry(plan)
 
     def submit(self, batch: np.ndarray, plan: Plan, alpha: int) -> _Work:
-        """Queue upload, compute and download of `batch`; returns at once (the GPU works on)."""
+        """Queue upload, compute and download of `batch`; returns at once (the GPU works on).
+
+        A shape the cache has no room for runs eagerly in buffers of its own: nothing is evicted (a
+        release synchronizes the device) while frames flow.
+        """
         with torch.cuda.device(self.device):
-            entry = self.cache.entry(plan)
+            entry = self.cache.entry(plan, hot=True)
+            own = None
+            if entry is None:
+                own = entry = self._uncached(plan)
             state: _Shape = entry.state
             lane = state.lanes[state.next_lane]
             state.next_lane = (state.next_lane + 1) % LANES
@@ -196,7 +216,30 @@ class CudaRunner:
             self._upload(pinned, lane, events)
             outputs = self._compute(entry, state, lane, plan, alpha, events)
             host = self._download(outputs, lane, events)
-        return _Work(host, events, host_ms)
+            if own is not None:
+                self._record_streams(state, lane)
+        return _Work(host, events, host_ms, own)
+
+    def _uncached(self, plan: Plan) -> Entry:
+        """An entry outside the cache for one eager call: one lane of fresh buffers, no graphs."""
+        shape = (plan.batch, plan.height, plan.width, 3)
+        current = torch.cuda.current_stream(self.device)
+        lane = _Lane(torch.empty(shape, dtype=torch.uint8, device=self.device))
+        state = _Shape(None, torch.zeros((), dtype=torch.int32, device=self.device), [lane])
+        for stream in (self.upload_stream, self.compute_stream):
+            stream.wait_stream(current)  # the allocator handed out blocks ordered on the current stream
+        return Entry(plan.forward_key, state)
+
+    def _record_streams(self, state: _Shape, lane: _Lane) -> None:
+        """Tell the caching allocator which streams use an uncached call's buffers, so that freeing them
+        (after collect, or if the call is dropped) never hands their memory out while a stream still uses it."""
+        if not lane.device_in.is_cuda:
+            return
+        for stream in (self.upload_stream, self.compute_stream):
+            lane.device_in.record_stream(stream)
+        state.alpha.record_stream(self.compute_stream)
+        for tensor in lane.device_out.values():
+            tensor.record_stream(self.download_stream)
 
     def collect(self, work: _Work) -> tuple[dict[str, np.ndarray], StageTimings]:
         """Wait for a submitted call; its outputs as numpy views of its own pinned buffers, and timings."""

@@ -41,7 +41,7 @@ from icnet_ros.classmap import ClassMap, load_class_map
 from icnet_ros.inference.frames import FrameError, as_batch, check_channel_order
 from icnet_ros.inference.graphs import DEFAULT_CAPACITY
 from icnet_ros.inference.optimize import prepare_for_inference
-from icnet_ros.inference.plan import OUTPUTS, EagerRunner, Pending, Plan, Stages, postprocess
+from icnet_ros.inference.plan import OUTPUTS, EagerRunner, Pending, Plan, Stages, postprocess, weak_method
 from icnet_ros.inference.timing import StageTimings
 from icnet_ros.inference.upsample import upsample_argmax
 from icnet_ros.model.checkpoint import load_model
@@ -180,7 +180,9 @@ class SegmentationEngine:
         backend: "torch", "tensorrt" (CUDA + `pip install icnet-ros[tensorrt]`; engines built once per
         shape and cached on disk, see tensorrt.py) or "auto" (tensorrt when it can run, else torch).
         graph_cache_size: how many shapes (batch, frame and network size, branch, precision, channel
-        order) keep their CUDA graphs; the least recently used beyond that is released.
+        order) keep their CUDA graphs; prepare() releases the least recently used beyond that, while a
+        frame of a new shape with the cache full runs eagerly (a release synchronizes the device, so
+        none happens while frames flow). The node sizes it for every batch its cameras can produce.
         tensorrt_cache: the folder of cached TensorRT engines (default $ICNET_ROS_CACHE/tensorrt).
         """
         self.device = resolve_device(device)
@@ -325,8 +327,9 @@ class SegmentationEngine:
 
     def segment_stream(self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], **options
                        ) -> Iterator[Segmentation | list[Segmentation]]:
-        """segment() over an iterable, in order, with one call in flight: on CUDA frame k+1 uploads
-        and frame k-1 downloads while frame k computes. Options as for segment()."""
+        """segment() over an iterable, in order, with one call in flight: on CUDA frame k+1 is copied
+        and its upload queued while frame k computes and downloads (frame k-1 was collected before
+        frame k+1 was submitted: two frames overlap). Options as for segment()."""
         pending = None
         for frames in batches:
             submitted = self.submit(frames, **options)
@@ -429,9 +432,13 @@ class SegmentationEngine:
         return self._compiled[precision]
 
     def _make_stages(self) -> Stages:
+        """The runner's callables. The engine's own methods go in without a reference to the engine
+        (weak_method): the engine -> runner -> stages -> engine cycle would keep the model and its
+        device memory alive after the last user let go, until some later garbage collection."""
+        labels, color, overlay = (weak_method(method) for method in (self._labels, self._color, self._overlay))
         if self._tensorrt is not None:
-            return Stages(self._tensorrt, self._labels, self._color, self._overlay, keepalive=self._tensorrt.keepalive)
-        return Stages(self.forward_logits, self._labels, self._color, self._overlay)
+            return Stages(self._tensorrt, labels, color, overlay, keepalive=self._tensorrt.keepalive)
+        return Stages(weak_method(self.forward_logits), labels, color, overlay)
 
     def _make_runner(self, cuda_graphs: bool, graph_cache_size: int):
         if self.device.type == "cuda":

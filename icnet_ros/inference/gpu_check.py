@@ -8,8 +8,17 @@ the fp32 engine with the eager model (expect 100%).
     python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --checkpoint model.safetensors
     python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --checkpoint m.safetensors --backend tensorrt
     python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --device cpu
+    python -m icnet_ros.inference.gpu_check /data/cityscapes_val9 --checkpoint m.safetensors --batches 2 4
 
-Exit status 0 when the overall agreement reaches --target, 1 when it does not, 2 for bad input.
+Both label maps are at the frame's size: the reference runs the eager model at the network size the
+engine uses (the checkpoint's input size, e.g. 720 rows for the bundled models, or --input-size) and
+upsamples its branch logits straight to the frame, as the engine and icnet-evaluate do.
+
+--batches N ...: also segment the frames in batches of N (cycling through the frames to fill the
+last batch) and compare each frame's labels with the engine's own batch-1 labels (--batch-target).
+
+Exit status 0 when the overall agreement reaches --target (and every batch agreement reaches
+--batch-target), 1 when it does not, 2 for bad input.
 """
 from __future__ import annotations
 
@@ -25,9 +34,11 @@ import torch
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.inference.engine import BACKENDS, PRECISIONS, SegmentationEngine, label_agreement
 from icnet_ros.model.checkpoint import load_model
-from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig
+from icnet_ros.model.icnet import BRANCHES, ICNet, ModelConfig, upsample
+from icnet_ros.model.preprocess import parse_input_size
 
 DEFAULT_TARGET = 0.995
+DEFAULT_BATCH_TARGET = 0.9999  # batch N against batch 1 of the same engine
 
 
 def read_frames(folder: Path, pattern: str) -> list[tuple[str, np.ndarray]]:
@@ -41,10 +52,26 @@ def read_frames(folder: Path, pattern: str) -> list[tuple[str, np.ndarray]]:
 
 
 def reference_labels(model: ICNet, engine: SegmentationEngine, frame: np.ndarray, branch: str) -> np.ndarray:
-    """Eager fp32 labels: unfolded model, NCHW, full-resolution logits, argmax; TF32 disabled."""
-    x = engine.preprocess(frame).contiguous()  # the model's own normalization, in NCHW memory
+    """Eager fp32 labels at the frame's size: unfolded model, NCHW, at the engine's network size, the
+    branch logits upsampled straight to the frame (as the engine and icnet-evaluate do), argmax.
+
+    TF32 is disabled by check() before this runs.
+    """
+    x = engine.preprocess(frame).contiguous()  # normalization and resize to the network size, NCHW memory
     with torch.no_grad():
-        return model(x, branch).argmax(1)[0].cpu().numpy()
+        logits = model.branch_logits(x, branch).float()
+        return upsample(logits, frame.shape[:2]).argmax(1)[0].cpu().numpy()
+
+
+def batched_labels(engine: SegmentationEngine, frames: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """Each frame's labels when the engine segments the frames `batch` at a time (the last batch is
+    filled up by cycling from the first frame; those extra results are dropped)."""
+    labels: list[np.ndarray] = []
+    for start in range(0, len(frames), batch):
+        group = [frames[(start + i) % len(frames)] for i in range(batch)]
+        results = engine.segment(group)
+        labels.extend(seg.labels for seg in results[:len(frames) - start])
+    return labels
 
 
 def build_model(checkpoint: Path | None, frames: list[np.ndarray]) -> ICNet:
@@ -64,6 +91,7 @@ def check(args: argparse.Namespace) -> dict:
     model = build_model(args.checkpoint, [f for _, f in frames])
     engine = SegmentationEngine(model, device=args.device, branch=args.branch, precision=args.precision,
                                 backend=args.backend)
+    engine.input_size = parse_input_size(args.input_size, model.config.input_size)
     model = model.to(engine.device).eval()
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -75,10 +103,20 @@ def check(args: argparse.Namespace) -> dict:
         mine.append(labels)
         theirs.append(reference)
     overall = label_agreement(mine, theirs)
+    batches = []
+    for size in args.batches:
+        batched = batched_labels(engine, [frame for _, frame in frames], size)
+        agreement = label_agreement(batched, mine)
+        batches.append({"batch": size, "agreement_with_batch_1": agreement,
+                        "passed": agreement >= args.batch_target})
+    height, width = frames[0][1].shape[:2]
     return {"device": str(engine.device), "backend": engine.backend, "precision": engine.precision,
             "branch": args.branch,
             "weights": str(args.checkpoint) if args.checkpoint else "random (BatchNorm calibrated)",
-            "frames": results, "overall": overall, "target": args.target, "passed": overall >= args.target}
+            "frame_size": [height, width], "network_size": list(engine.preprocess(frames[0][1]).shape[-2:]),
+            "frames": results, "overall": overall, "target": args.target,
+            "batches": batches, "batch_target": args.batch_target,
+            "passed": overall >= args.target and all(row["passed"] for row in batches)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--branch", choices=BRANCHES, default="sub124")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="engine backend (auto: tensorrt on CUDA when installed, else torch)")
+    parser.add_argument("--input-size", default="checkpoint",
+                        help="network input size: checkpoint (default: the size stored with the model), frame, "
+                             "or HxW (0 on one side keeps the aspect ratio)")
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET)
+    parser.add_argument("--batches", type=int, nargs="*", default=[], metavar="N",
+                        help="also segment in batches of N and compare with batch 1 (e.g. --batches 2 4)")
+    parser.add_argument("--batch-target", type=float, default=DEFAULT_BATCH_TARGET,
+                        help="least agreement of batch-N labels with batch-1 labels (default %(default)s)")
     parser.add_argument("--json", type=Path, help="write the report here")
     return parser
 
@@ -103,12 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         print(f"gpu_check: {args.folder} is not a folder", file=sys.stderr)
         return 2
+    if any(size < 1 for size in args.batches):
+        print(f"gpu_check: --batches takes sizes >= 1, got {args.batches}", file=sys.stderr)
+        return 2
     report = check(args)
     for row in report["frames"]:
         print(f"{row['frame']:<50} {100 * row['agreement']:8.4f} %")
-    verdict = "PASS" if report["passed"] else "FAIL"
-    print(f"{report['device']} {report['backend']} {report['precision']} engine vs eager fp32 ({report['branch']}, {report['weights']}): "
-          f"{100 * report['overall']:.4f} % of pixels agree; target {100 * report['target']:.2f} %: {verdict}")
+    verdict = "PASS" if report["overall"] >= report["target"] else "FAIL"
+    print(f"{report['device']} {report['backend']} {report['precision']} engine vs eager fp32 ({report['branch']}, "
+          f"{report['weights']}, frames {report['frame_size'][0]}x{report['frame_size'][1]}, network "
+          f"{report['network_size'][0]}x{report['network_size'][1]}): {100 * report['overall']:.4f} % of pixels "
+          f"agree; target {100 * report['target']:.2f} %: {verdict}")
+    for row in report["batches"]:
+        print(f"batch {row['batch']} vs batch 1 of the same engine: {100 * row['agreement_with_batch_1']:.4f} % of "
+              f"pixels agree; target {100 * report['batch_target']:.2f} %: {'PASS' if row['passed'] else 'FAIL'}")
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0 if report["passed"] else 1

@@ -10,7 +10,11 @@ with a fake capturer:
   (graphs sharing one memory pool must replay in capture order); only the dense upsample has
   static shapes, the sparse one always runs eagerly;
 - at most `capacity` entries, least recently used first out; an evicted entry releases its graphs,
-  memory pool and buffers through the capturer;
+  memory pool and buffers through the capturer (a device-wide synchronize and empty_cache on CUDA);
+- eviction only off the hot path: prepare() may evict, but a frame (entry(plan, hot=True)) whose
+  shape is new while the cache is full gets no entry (None: the runner runs it eagerly, with buffers
+  of its own, logged once per shape), so frames never wait for a release or thrash the cache. The
+  node sizes the cache for every batch its cameras can produce and prepares them at configure;
 - a failed capture (out of memory, an operation graphs cannot hold) is tried once per key: the
   forward, or the postprocess of that upsample method, then runs eagerly for good, logged once.
   The failed keys outlive eviction, so churn through the cache does not retry them either.
@@ -77,8 +81,10 @@ class GraphCache:
         self.log = log
         self._entries: OrderedDict[tuple, Entry] = OrderedDict()
         self._failed: dict[tuple, str] = {}  # (forward key[, upsample]) -> why its capture failed
+        self._overflowed: set[tuple] = set()  # forward keys met on the hot path with the cache full (logged)
         self.captures = 0  # graphs captured so far (forward and stages), for tests and diagnostics
         self.evictions = 0
+        self.overflows = 0  # hot-path calls that found their shape missing and the cache full
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -90,14 +96,19 @@ class GraphCache:
     def failures(self) -> dict[tuple, str]:
         return dict(self._failed)
 
-    def entry(self, plan: Plan) -> Entry:
+    def entry(self, plan: Plan, hot: bool = False) -> Entry | None:
         """The entry for `plan`, made and captured on first use; afterwards a dict look-up.
 
         Stage graphs the plan needs that are not captured yet are captured now (once each).
+        hot: a frame is waiting (the engine's submit). A new shape then gets an entry only while the
+        cache has room: with the cache full nothing is evicted, and None says "run this call eagerly".
         """
         key = plan.forward_key
         entry = self._entries.get(key)
         if entry is None:
+            if hot and len(self._entries) >= self.capacity:
+                self._overflow(plan)
+                return None
             entry = self._add(plan)
         else:
             self._entries.move_to_end(key)
@@ -152,6 +163,14 @@ class GraphCache:
             return False
         self.captures += 1
         return True
+
+    def _overflow(self, plan: Plan) -> None:
+        self.overflows += 1
+        if plan.forward_key not in self._overflowed:
+            self._overflowed.add(plan.forward_key)
+            self.log.warning("the CUDA graph cache is full (%d shapes): %s runs eagerly, without graphs; nothing "
+                             "is released while frames flow (prepare() this shape, or give a larger "
+                             "graph_cache_size)", self.capacity, describe(plan))
 
     def _evict(self) -> None:
         _, entry = self._entries.popitem(last=False)

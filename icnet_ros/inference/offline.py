@@ -41,6 +41,7 @@ from icnet_ros.model.checkpoint import CheckpointError
 from icnet_ros.model.icnet import BRANCHES
 from icnet_ros.model.preprocess import INPUT_SIZE_HELP, parse_input_size
 from icnet_ros.ros.topics import output_topics as ros_output_topics
+from icnet_ros.visualization import side_by_side
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -246,7 +247,7 @@ class Outputs:
     def wants(self) -> dict[str, bool]:
         """Which engine outputs the requested files need (the rest is never computed)."""
         bag = self.bag is not None
-        return {"labels": self.args.labels or bag, "color": self.args.color or bag,
+        return {"labels": self.args.labels or self.args.side_by_side or bag, "color": self.args.color or bag,
                 "overlay": self.args.overlay or self.args.side_by_side or self.video is not None or bag}
 
     def write(self, frame: InputFrame, seg: Segmentation) -> None:
@@ -257,8 +258,8 @@ class Outputs:
             write_png(out / "color" / f"{frame.name}.png", cv2.cvtColor(seg.color, cv2.COLOR_RGB2BGR))
         if self.args.overlay:
             write_png(out / "overlay" / f"{frame.name}.png", cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
-        if self.args.side_by_side:  # camera | overlay, one picture to look at
-            pair = np.concatenate([frame.rgb, seg.overlay], axis=1)
+        if self.args.side_by_side:  # camera | overlay over a legend of the classes shown, one picture
+            pair = side_by_side(frame.rgb, seg.overlay, seg.labels, self.engine.class_map)
             write_png(out / "side_by_side" / f"{frame.name}.png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if self.video is not None:
             self.video.write(cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
@@ -319,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-color", dest="color", action="store_false", help="skip colorized PNGs")
     parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs (overlay/<name>.png)")
     parser.add_argument("--side-by-side", action="store_true",
-                        help="also write camera | overlay pictures (side_by_side/<name>.png)")
+                        help="also write camera | overlay pictures with a legend of the classes they show "
+                             "(side_by_side/<name>.png)")
     parser.add_argument("--overlay-video", type=Path, help="write an mp4v overlay video here")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colors (0..1)")
     parser.add_argument("--fps", type=float, default=None, help="overlay video rate (default: the input's)")

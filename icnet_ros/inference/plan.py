@@ -13,6 +13,7 @@ overlay for overlay alone.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,23 @@ class Stages:
     color: Callable[[torch.Tensor], torch.Tensor]
     overlay: Callable[[torch.Tensor, torch.Tensor, Plan, torch.Tensor], torch.Tensor]
     keepalive: Callable[[Plan], Any] | None = None
+
+
+def weak_method(method: Callable) -> Callable:
+    """`method` (a bound method) without the reference to its object: the callable does not keep the
+    object alive, so an object that keeps such callables of its own (the engine its Stages) is no
+    reference cycle and is freed as soon as its last user lets go, not at a later garbage collection."""
+    reference = weakref.WeakMethod(method)
+    name = method.__name__
+
+    def call(*args, **kwargs):
+        bound = reference()
+        if bound is None:
+            raise ReferenceError(f"{name}: the object of this method is gone")
+        return bound(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def run_stage(stages: Stages, stage: str, frames: torch.Tensor, plan: Plan, alpha: torch.Tensor,

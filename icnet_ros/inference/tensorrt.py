@@ -12,6 +12,16 @@ everything but the network, and label agreement with fp32 eager is measured the 
 One TensorRT engine per (branch, network size, precision), static shape, batch 1: a batch of N
 frames runs the engine N times on the same stream (this keeps one engine for every batch size, and
 works for the released Caffe nets, whose pyramid pooling can only be exported at a fixed size).
+TensorRT wants every tensor address 256-byte aligned, and a frame's slice of a batch is not (at
+1025x2049 an input frame is 12 bytes past a multiple of 256; the CamVid model's logits at 1024x2048
+128 bytes), so a batch is staged in buffers whose per-frame stride is rounded up to 256 bytes
+(aligned_frames), and every set_tensor_address / execute_async_v3 status is checked.
+
+One execution context per engine, shared by every graph that replays it: the context's activation
+memory is baked into those graphs, so they must never run at the same time. The CUDA runner runs
+them all on its compute stream, and orders the warm-up before a capture (on its capture stream)
+after the compute stream's work and before its next frame (cuda.py, CudaRunner._warm_up).
+
 Serialized engines are cached under $ICNET_ROS_CACHE/tensorrt (else ~/.cache/icnet_ros/tensorrt),
 named by a key of GPU name and compute capability, TensorRT version, shape, precision, branch and a
 hash of the model's weights and configuration: a new GPU, TensorRT or checkpoint builds anew.
@@ -198,6 +208,33 @@ def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int = WO
 
 
 # --- running ----------------------------------------------------------------------------------------
+TENSOR_ALIGNMENT = 256  # bytes: TensorRT's requirement for every input and output address
+
+
+def is_aligned(batch: torch.Tensor) -> bool:
+    """Whether every frame of a contiguous (N, ...) batch starts at a TENSOR_ALIGNMENT-aligned address."""
+    if not batch.is_contiguous():
+        return False
+    frame_bytes = batch[0].numel() * batch.element_size()
+    return batch.data_ptr() % TENSOR_ALIGNMENT == 0 and (batch.shape[0] == 1 or frame_bytes % TENSOR_ALIGNMENT == 0)
+
+
+def aligned_frames(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty (N, ...) tensor whose frames each start at a TENSOR_ALIGNMENT-aligned address: one
+    buffer, the frame stride rounded up to the alignment, the start moved up to the next aligned byte."""
+    shape = tuple(int(n) for n in shape)
+    element = torch.empty((), dtype=dtype).element_size()
+    frame = 1
+    for n in shape[1:]:
+        frame *= n
+    step = TENSOR_ALIGNMENT // element
+    stride = -(-frame // step) * step  # elements per frame, rounded up to whole alignment units
+    storage = torch.empty(stride * shape[0] + step, dtype=dtype, device=device)
+    offset = (-storage.data_ptr() % TENSOR_ALIGNMENT) // element
+    frames = storage[offset:offset + stride * shape[0]].view(shape[0], stride)[:, :frame]
+    return frames.reshape(shape) if stride == frame else frames.unflatten(1, shape[1:])
+
+
 class TensorRTModule:
     """One deserialized engine and its execution context: (1, 3, h, w) float32 in, (1, C, h', w') logits out."""
 
@@ -228,17 +265,31 @@ class TensorRTModule:
         return int(size) + self.serialized_bytes
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of x (N, 3, h, w) float32 contiguous, enqueued on the current stream, one frame at a time."""
+        """Logits of x (N, 3, h, w) float32 contiguous, enqueued on the current stream, one frame at a time.
+
+        Each frame's input and output lie at 256-byte aligned addresses (TensorRT refuses others):
+        the batch is staged in padded buffers unless it is already aligned (a single frame from
+        PyTorch's allocator is).
+        """
         if tuple(x.shape[1:]) != self.input_shape[1:]:
             raise TensorRTError(f"TensorRT engine built for input {self.input_shape}, got {tuple(x.shape)}")
-        out = torch.empty((x.shape[0], *self.output_shape[1:]), dtype=self.output_dtype, device=x.device)
+        inputs = x if is_aligned(x) else aligned_frames(x.shape, x.dtype, x.device)
+        if inputs is not x:
+            inputs.copy_(x)
+        outputs = aligned_frames((x.shape[0], *self.output_shape[1:]), self.output_dtype, x.device)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         for index in range(x.shape[0]):
-            self.context.set_tensor_address(self.input_name, x[index].data_ptr())
-            self.context.set_tensor_address(self.output_name, out[index].data_ptr())
+            self._bind(self.input_name, inputs[index])
+            self._bind(self.output_name, outputs[index])
             if not self.context.execute_async_v3(stream):
                 raise TensorRTError("TensorRT execute_async_v3 failed (see its log above)")
-        return out
+        return outputs if outputs.is_contiguous() else outputs.contiguous()
+
+    def _bind(self, name: str, frame: torch.Tensor) -> None:
+        address = frame.data_ptr()
+        if not self.context.set_tensor_address(name, address):
+            raise TensorRTError(f"TensorRT refused the address {address:#x} of tensor {name!r} (it must be "
+                                f"{TENSOR_ALIGNMENT}-byte aligned; this one is {address % TENSOR_ALIGNMENT} bytes past)")
 
 
 class TensorRTForward:

@@ -5,11 +5,17 @@
         --prototxt icnet_cityscapes_bnnomerge.prototxt           # geometry from the network definition
 
 Both released flavours are read: "bn_merged" (BN merged into conv biases by the authors) and
-"bn_kept" (the _bnnomerge files, with PSPNet's Caffe "BN" layers). Every Caffe layer that carries
-weights maps to one of our modules by name (caffe_layer_name); its blob shapes must be exactly our
-parameter shapes at the keep rate read from conv1_sub1, and a layer we have no place for is an error.
-The released nets scale the input by a per-channel Caffe "Scale" layer (data_sub1): that folds
-exactly into the input channels of the two convolutions that read it.
+"bn_kept" (the _bnnomerge files, with PSPNet's Caffe "BN" layers). Every layer of the evaluation
+network maps to one of our modules by name (caffe_layer_name); its blob shapes must be exactly our
+parameter shapes at the keep rate read from conv1_sub1. The released nets scale the input by a
+per-channel Caffe "Scale" layer (data_sub1): that folds exactly into the input channels of the two
+convolutions that read it.
+
+Files saved from a training net hold more: the auxiliary classifiers of the cascade label guidance
+(sub4_out, sub24_out) become our sub4 / sub24 heads when both are present, and layers with weights
+we have no place for are skipped with one warning naming them all, as Caffe's own loader
+(Net::CopyTrainedLayersFrom) ignores source layers its target net lacks. Layers without weights
+(data, label Interp, losses) carry nothing to import and are passed over silently.
 
 What the weights compute also depends on the input (mean, BGR order, 1025x2049) and on the pyramid
 pooling windows; those live in config/import/icnet_cityscapes_caffe.yaml, or come from --prototxt.
@@ -18,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +52,9 @@ from icnet_ros.paths import config_dir
 
 __all__ = ["CaffeImportError", "ImportedModel", "caffe_layer_name", "import_caffemodel", "main"]
 
-IMPORTER_VERSION = 1
+LOG = logging.getLogger(__name__)
+
+IMPORTER_VERSION = 2  # 2: auxiliary classifiers imported, unknown weight layers skipped with a warning
 RELEASED_CONFIG = Path("import") / "icnet_cityscapes_caffe.yaml"  # under icnet_ros.paths.config_dir()
 
 # Caffe layer names of the released evaluation network (evaluation/prototxt/icnet_cityscapes*.prototxt).
@@ -74,11 +84,35 @@ STAGE_BLOCKS = {"stage2": (2, 1), "stage3_rest": (3, 2), "stage4": (4, 1), "stag
 BOTTLENECK_CONVS = {"reduce": "1x1_reduce", "conv": "3x3", "increase": "1x1_increase", "projection": "1x1_proj"}
 
 
+@dataclass(frozen=True)
+class AuxClassifier:
+    """One auxiliary classifier of the ICNet training net (cascade label guidance) and our head for it."""
+
+    module: str  # our 1x1 conv with bias
+    caffe: str  # the training net's Convolution layer
+    branch: str
+    reads: tuple[str, ...]  # the Caffe blobs whose features our head classifies
+
+
+# The training net feeds sub4_out the conv5_4 features zoomed to H/16 (conv5_4_interp) and sub24_out the
+# sub24 fusion zoomed to H/8 (sub24_sum_interp), exactly what our cff_24 / cff_124 heads classify
+# (hellochick/ICNet-tensorflow, whose layer names follow the authors' nets; the authors publish only the
+# evaluation prototxt). The map before the Interp is accepted too: a 1x1 conv with bias commutes with
+# Caffe's Interp, whose bilinear weights sum to 1.
+AUX_CLASSIFIERS = (
+    AuxClassifier("cff_24.aux_classifier", "sub4_out", "sub4", ("conv5_4_interp", "conv5_4_k1")),
+    AuxClassifier("cff_124.aux_classifier", "sub24_out", "sub24", ("sub24_sum_interp", "sub24_sum")),
+)
+
+
 # --- names -----------------------------------------------------------------------------------------
 def caffe_layer_name(module_path: str) -> str:
     """The Caffe convolution behind one of our modules, e.g. 'stage4.1.conv' -> 'conv4_2_3x3'."""
     if module_path in FIXED_CONV_NAMES:
         return FIXED_CONV_NAMES[module_path]
+    aux = next((aux for aux in AUX_CLASSIFIERS if aux.module == module_path), None)
+    if aux is not None:
+        return aux.caffe
     parts = module_path.split(".")
     if parts[0] == "stage3_1" and len(parts) == 2:
         block, part = "conv3_1", parts[1]
@@ -97,13 +131,17 @@ class ConvTarget:
     module: str
     caffe: str
     conv: nn.Conv2d
-    bn: nn.BatchNorm2d | None  # None for the classifier, whose conv has a bias instead
+    bn: nn.BatchNorm2d | None  # None for the classifiers, whose convs have a bias instead
 
 
 def conv_targets(model: ICNet) -> list[ConvTarget]:
     targets = [ConvTarget(path, caffe_layer_name(path), module.conv, module.bn)
                for path, module in model.named_modules() if isinstance(module, ConvBN)]
-    return targets + [ConvTarget("classifier", CLASSIFIER, model.classifier, None)]
+    targets.append(ConvTarget("classifier", CLASSIFIER, model.classifier, None))
+    if model.config.aux_heads:
+        targets += [ConvTarget(aux.module, aux.caffe, model.get_submodule(aux.module), None)
+                    for aux in AUX_CLASSIFIERS]
+    return targets
 
 
 # --- the released network's settings (YAML) and geometry -------------------------------------------
@@ -255,9 +293,15 @@ def _prototxt_pooling_window(layers, bins: int, size, path: Path) -> tuple[int, 
 
 
 def check_prototxt_convs(net: dict, targets: list[ConvTarget], keep_rate: float, path: Path) -> None:
-    """Every convolution of ours must be the prototxt's: outputs, kernel, stride, padding, dilation."""
+    """Every convolution of ours must be the prototxt's: outputs, kernel, stride, padding, dilation.
+
+    The auxiliary classifiers are checked where the prototxt has them: the evaluation prototxt, the one
+    users have, does not."""
     layers = prototxt_layers(net)
+    aux_names = {aux.caffe for aux in AUX_CLASSIFIERS}
     for target in targets:
+        if target.caffe in aux_names and target.caffe not in layers:
+            continue
         param = _one(_prototxt_layer(layers, target.caffe, "Convolution", path), "convolution_param", {})
         conv = target.conv
         given = {"num_output": int(_one(param, "num_output", 0)), "kernel": _pair(param, "kernel", 0),
@@ -343,7 +387,8 @@ class _WeightReader:
         self.used.add(name)
         return layer
 
-    def tensor(self, layer: CaffeLayer, index: int, role: str, expected: tuple[int, ...]) -> torch.Tensor:
+    def tensor(self, layer: CaffeLayer, index: int, role: str, expected: tuple[int, ...],
+               note: str = "") -> torch.Tensor:
         """Blob `index` as a float32 tensor of shape `expected`; vectors may come as (1, C, 1, 1) too."""
         blob = layer.blobs[index]
         fits = blob.shape == expected or (len(expected) == 1 and blob.size == expected[0]
@@ -351,7 +396,7 @@ class _WeightReader:
         if not fits:
             wanted = f"{expected}" if len(expected) > 1 else f"{expected} or (1, {expected[0]}, 1, 1)"
             raise CaffeImportError(f"{layer.name}: {role} blob has shape {blob.shape}, expected {wanted} for "
-                                   f"keep rate {self.keep_rate:g}")
+                                   f"keep rate {self.keep_rate:g}{note}")
         return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(expected))
 
 
@@ -369,10 +414,8 @@ def imported_state(reader: _WeightReader, targets: list[ConvTarget], flavour: st
 def _conv_state(reader: _WeightReader, target: ConvTarget, flavour: str, caffe_eps: float) -> dict:
     conv = target.conv
     out = conv.out_channels
-    if target.bn is None:  # the classifier: weight and bias
-        layer = reader.layer(target.caffe, "Convolution", (2,))
-        return {f"{target.module}.weight": reader.tensor(layer, 0, "weight", tuple(conv.weight.shape)),
-                f"{target.module}.bias": reader.tensor(layer, 1, "bias", (out,))}
+    if target.bn is None:  # a classifier: weight and bias
+        return _classifier_state(reader, target)
     why = " (a BN-merged file has a bias on every convolution)" if flavour == "bn_merged" else ""
     layer = reader.layer(target.caffe, "Convolution", (2,) if flavour == "bn_merged" else (1, 2), why)
     weight = reader.tensor(layer, 0, "weight", tuple(conv.weight.shape))
@@ -383,6 +426,17 @@ def _conv_state(reader: _WeightReader, target: ConvTarget, flavour: str, caffe_e
         bn = _caffe_bn(reader, target.caffe + BN_SUFFIX, out, bias, caffe_eps, target.bn.eps)
     prefix = target.module
     return {f"{prefix}.conv.weight": weight, **{f"{prefix}.bn.{key}": value for key, value in bn.items()}}
+
+
+def _classifier_state(reader: _WeightReader, target: ConvTarget) -> dict:
+    aux = next((aux for aux in AUX_CLASSIFIERS if aux.caffe == target.caffe), None)
+    # A wrong auxiliary shape is most often another class count or another network: say what it is.
+    note = "" if aux is None else (f" ({aux.caffe} is the {aux.branch} auxiliary classifier on "
+                                   f"{aux.reads[0]}, {target.conv.in_channels} channels, one output per class)")
+    layer = reader.layer(target.caffe, "Convolution", (2,))
+    conv = target.conv
+    return {f"{target.module}.weight": reader.tensor(layer, 0, "weight", tuple(conv.weight.shape), note),
+            f"{target.module}.bias": reader.tensor(layer, 1, "bias", (conv.out_channels,), note)}
 
 
 def _identity_bn(bias: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
@@ -420,15 +474,46 @@ def _fold_input_scale(reader: _WeightReader, targets: list[ConvTarget], state: d
         state[key] = state[key] * factors
 
 
-def check_no_unused_weights(by_name: dict[str, CaffeLayer], used: set[str], path: Path) -> None:
-    unused = [layer for layer in by_name.values() if layer.blobs and layer.name not in used]
-    if unused:
-        shapes = ", ".join(f"{layer.name} ({layer.type}, blobs {[blob.shape for blob in layer.blobs]})"
-                           for layer in unused[:4])
+# --- the training net's extra layers ------------------------------------------------------------------
+def has_aux_classifiers(by_name: dict[str, CaffeLayer], path: Path) -> bool:
+    """True when the file holds both auxiliary classifiers (a training snapshot) and they read our heads'
+    features. Our heads come as a pair (ModelConfig.aux_heads), so a lone one is skipped, not imported."""
+    present = [aux for aux in AUX_CLASSIFIERS if aux.caffe in by_name and by_name[aux.caffe].blobs]
+    if len(present) != len(AUX_CLASSIFIERS):
+        return False
+    for aux in present:
+        _check_aux_input(by_name[aux.caffe], aux, path)
+    return True
+
+
+def _check_aux_input(layer: CaffeLayer, aux: AuxClassifier, path: Path) -> None:
+    """A classifier named sub4_out that reads another feature would give a sub4 branch Caffe never had.
+    Files that do not record bottoms are taken by name, as Caffe's loader takes them."""
+    if layer.bottoms and tuple(layer.bottoms) not in {(name,) for name in aux.reads}:
         raise CaffeImportError(
-            f"{path}: {len(unused)} layer(s) carry weights that the released ICNet evaluation network has no "
-            f"place for: {shapes}; expected only its layers (conv1_sub1 ... conv6_cls, no auxiliary "
-            f"classifiers)")
+            f"{path}: {aux.caffe} reads {', '.join(layer.bottoms)}, but icnet_ros's {aux.branch} head "
+            f"classifies {aux.reads[0]} (or {aux.reads[1]} before that Interp), as the ICNet training net's {aux.caffe} "
+            f"does; this {aux.caffe} belongs to another network")
+
+
+def unused_weight_layers(by_name: dict[str, CaffeLayer], used: set[str]) -> list[CaffeLayer]:
+    return [layer for layer in by_name.values() if layer.blobs and layer.name not in used]
+
+
+def skipped_layers_warning(skipped: list[CaffeLayer], path: Path) -> str:
+    """One message naming every skipped layer with its blob shapes, so that a user can tell a training
+    snapshot's leftovers from weights that were meant to be imported."""
+    described = ", ".join(f"{layer.name} ({layer.type}, blobs {[blob.shape for blob in layer.blobs]})"
+                          for layer in skipped)
+    message = (f"{path}: skipped {len(skipped)} layer(s) with weights that icnet_ros's ICNet has no place "
+               f"for (Caffe's own loader ignores them too): {described}")
+    names = {layer.name for layer in skipped}
+    lone = [aux.caffe for aux in AUX_CLASSIFIERS if aux.caffe in names]
+    if lone:  # both present are imported, so a skipped one came without its partner
+        missing = [aux.caffe for aux in AUX_CLASSIFIERS if aux.caffe not in names]
+        message += (f"; the auxiliary classifier {', '.join(lone)} is imported only together with "
+                    f"{', '.join(missing)}, which the file lacks, so the checkpoint has the sub124 head only")
+    return message
 
 
 # --- the import --------------------------------------------------------------------------------------
@@ -437,11 +522,16 @@ class ImportedModel:
     model: ICNet
     flavour: str
     provenance: dict
+    skipped: tuple[str, ...] = ()  # layers with weights that were not imported (see skipped_layers_warning)
 
 
 def import_caffemodel(path: str | Path, class_map: str | None = None, prototxt: str | Path | None = None,
-                      released_config: str | Path | None = None) -> ImportedModel:
-    """An ICNet (eval mode) computing what Caffe computes with these weights; raises CaffeImportError."""
+                      released_config: str | Path | None = None,
+                      warn: Callable[[str], None] | None = None) -> ImportedModel:
+    """An ICNet (eval mode) computing what Caffe computes with these weights; raises CaffeImportError.
+
+    Layers with weights that the network has no place for are reported in one message to `warn`
+    (default: a logging warning) and skipped."""
     path = Path(path)
     released = load_released_network(released_config)
     class_map = class_map or released.model.get("class_map", ModelConfig.class_map)
@@ -449,24 +539,31 @@ def import_caffemodel(path: str | Path, class_map: str | None = None, prototxt: 
     by_name = index_layers(layers, path)
     keep_rate = detect_keep_rate(by_name, path)
     num_classes = checked_num_classes(by_name, class_map, path)
+    aux_heads = has_aux_classifiers(by_name, path)
     net = parse_prototxt(prototxt) if prototxt is not None else None
     geometry = released.geometry if net is None else prototxt_geometry(Path(prototxt), net, released.bn_eps)
-    model = ICNet(_model_config(released, geometry, class_map, num_classes, keep_rate)).eval()
+    model = ICNet(_model_config(released, geometry, class_map, num_classes, keep_rate, aux_heads)).eval()
     targets = conv_targets(model)
     if net is not None:
         check_prototxt_convs(net, targets, keep_rate, Path(prototxt))
     flavour = detect_flavour(by_name)
     reader = _WeightReader(by_name, keep_rate, path)
     state = imported_state(reader, targets, flavour, geometry, released.bn_eps)
-    check_no_unused_weights(by_name, reader.used, path)
+    skipped = unused_weight_layers(by_name, reader.used)
+    if skipped:
+        (warn or LOG.warning)(skipped_layers_warning(skipped, path))
     _load_complete_state(model, state)
-    return ImportedModel(model, flavour, _provenance(path, data, flavour, released, geometry))
+    provenance = _provenance(path, data, flavour, released, geometry)
+    provenance.update(_extra_layers_provenance(aux_heads, skipped))
+    return ImportedModel(model, flavour, provenance, tuple(layer.name for layer in skipped))
 
 
 def _model_config(released: ReleasedNetwork, geometry: Geometry, class_map: str, num_classes: int,
-                  keep_rate: float) -> ModelConfig:
+                  keep_rate: float, aux_heads: bool) -> ModelConfig:
+    # aux_heads comes from the file, not the YAML: the same released network may come with or without them.
     fields = {**released.model, "class_map": class_map, "num_classes": num_classes, "keep_rate": keep_rate,
-              "input_size": list(geometry.input_size), "pyramid_size": list(geometry.pyramid_size),
+              "aux_heads": aux_heads, "input_size": list(geometry.input_size),
+              "pyramid_size": list(geometry.pyramid_size),
               "pyramid_windows": [list(window) for window in geometry.pyramid_windows]}
     return config_from_dict(ModelConfig, fields, str(RELEASED_CONFIG))
 
@@ -491,6 +588,15 @@ def _provenance(path: Path, data: bytes, flavour: str, released: ReleasedNetwork
     return provenance
 
 
+def _extra_layers_provenance(aux_heads: bool, skipped: list[CaffeLayer]) -> dict:
+    extra = {}
+    if aux_heads:
+        extra["aux_classifiers"] = {aux.branch: aux.caffe for aux in AUX_CLASSIFIERS}
+    if skipped:
+        extra["skipped_layers"] = [layer.name for layer in skipped]
+    return extra
+
+
 # --- command line -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icnet-import", description=__doc__,
@@ -510,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        imported = import_caffemodel(args.caffemodel, args.class_map, args.prototxt)
+        imported = import_caffemodel(args.caffemodel, args.class_map, args.prototxt, warn=_print_warning)
         output = args.output or args.caffemodel.with_suffix(".safetensors")
         save_model(output, imported.model, imported.provenance)
     except (CaffeImportError, CheckpointError, ClassMapError, ConfigError, OSError) as error:
@@ -518,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(import_summary(output, imported))
     return 0
+
+
+def _print_warning(message: str) -> None:
+    """The CLI's warnings go to stderr once, as its errors do (not also through logging)."""
+    print(f"icnet-import: warning: {message}", file=sys.stderr)
 
 
 def import_summary(output: Path, imported: ImportedModel) -> str:
@@ -529,11 +640,13 @@ def import_summary(output: Path, imported: ImportedModel) -> str:
     mean = " ".join(f"{c} {m:g}" for c, m in zip("RGB", config.input_mean))
     height, width = config.input_size
     rate = "1.0" if config.keep_rate == 1.0 else f"{config.keep_rate:g}"
+    heads = "sub124 head only" if not config.aux_heads else (
+        "sub4, sub24 and sub124 heads (" + ", ".join(aux.caffe for aux in AUX_CLASSIFIERS) + " imported)")
     return "\n".join([
         f"wrote {output}",
         f"  from {provenance['source']} (md5 {provenance['source_md5']}{known})",
         (f"  flavour {imported.flavour} ({FLAVOURS[imported.flavour]}), keep rate {config.keep_rate:g}, "
-         f"{config.num_classes} classes ({config.class_map}), sub124 head only"),
+         f"{config.num_classes} classes ({config.class_map}), {heads}"),
         (f"  input {height}x{width} {config.input_channel_order.upper()}, mean {mean}, frames resized to it "
          f"(geometry from {provenance['geometry_from']})"),
         "next:",

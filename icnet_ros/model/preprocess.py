@@ -99,7 +99,7 @@ def parse_input_size(text: str, checkpoint_default: tuple[int, int] | None) -> t
     if value == "checkpoint":
         return None if checkpoint_default is None else tuple(checkpoint_default)
     if value == "frame":
-        return None
+        return 0, 0  # network_size's "the frame's own size", distinct from None ("no setting")
     match = re.fullmatch(r"(\d+)\s*x\s*(\d+)", value)
     if match is None or match.groups() == ("0", "0"):
         raise ValueError(f"input size {text!r} is not understood; use {INPUT_SIZE_HELP}")

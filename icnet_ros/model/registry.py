@@ -2,13 +2,16 @@
 
 The node and the launch file select a model by dataset (class map) and kernel keeping rate. A
 folder of checkpoints named icnet_<dataset>_keep<rate>.safetensors serves every combination (the
-imported Cityscapes weights go there as icnet_cityscapes_keep0.5.safetensors); with no folder, two
-bundled models answer:
+imported Cityscapes weights go there as icnet_cityscapes_keep0.5.safetensors); with no folder, the
+bundled models answer at keep rate 0.25:
 
-- camvid at keep rate 0.25: trained here from scratch on CamVid's real driving frames (11 classes),
-  the model for a real camera out of the box;
-- cityscapes at keep rate 0.25: the demo weights, trained on synthetic drives only (see README.md).
-  They show the pipeline working and are not a model for real roads; the node says so.
+- cityscapes: Cityscapes' 19 classes learnt from CamVid's real frames (labels as sets of Cityscapes
+  classes) and synthetic drives (exact labels), from the CamVid model; the default;
+- camvid: trained here from scratch on CamVid's real driving frames (11 classes);
+- the demo weights (by name, `demo`, and for the demo drive): trained on synthetic drives only. They
+  show the pipeline working and are not a model for real roads; the node says so.
+
+A bundled model can also be asked for by its name (model:=cityscapes, camvid or demo).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from icnet_ros.paths import asset_path
 class BundledModel:
     """A checkpoint shipped in icnet_ros/assets/, and how it was made."""
 
+    name: str  # model:=<name> selects it
     file: str
     dataset: str
     keep_rate: float
@@ -30,15 +34,22 @@ class BundledModel:
     training_command: str
 
 
-DEMO = BundledModel("demo_synthetic_keep0.25.safetensors", "cityscapes", 0.25, True,
+DEMO = BundledModel("demo", "demo_synthetic_keep0.25.safetensors", "cityscapes", 0.25, True,
                     "icnet-make-drives --out data/synthetic_demo --splits train=400,val=40 --height 512 --width 1024 "
                     "&& icnet-train --config config/train/demo.yaml")
-CAMVID = BundledModel("camvid_keep0.25.safetensors", "camvid", 0.25, False,
+CAMVID = BundledModel("camvid", "camvid_keep0.25.safetensors", "camvid", 0.25, False,
                       "icnet-train --config config/train/camvid_cpu.yaml data_root=<CamVid (SegNet layout)> && "
                       "icnet-train --config config/train/camvid_cpu_robust.yaml data_root=<CamVid (SegNet layout)> && "
                       "python -m icnet_ros.model.checkpoint runs/camvid_cpu_robust/model.safetensors "
                       "camvid_keep0.25.safetensors --fp16")
-BUNDLED_MODELS = (CAMVID, DEMO)
+CITYSCAPES = BundledModel("cityscapes", "cityscapes_keep0.25.safetensors", "cityscapes", 0.25, False,
+                          "icnet-make-drives --out data/synthetic_drives --splits train=400 --height 512 --width 1024 "
+                          "&& icnet-train --config config/train/cityscapes_cpu.yaml data_root=<CamVid (SegNet layout)> "
+                          "&& python -m icnet_ros.model.checkpoint runs/cityscapes_cpu/model.safetensors "
+                          "cityscapes_keep0.25.safetensors --fp16")
+# the first bundled model of a dataset and keep rate is the one selected by them
+BUNDLED_MODELS = (CITYSCAPES, CAMVID, DEMO)
+BUNDLED_BY_NAME = {model.name: model for model in BUNDLED_MODELS}
 DEMO_DATASET, DEMO_KEEP_RATE = DEMO.dataset, DEMO.keep_rate
 
 
@@ -54,6 +65,11 @@ def bundled_weights(model: BundledModel) -> Path:
 def demo_weights() -> Path:
     """The bundled demo checkpoint (keep rate 0.25, Cityscapes classes, trained on synthetic drives)."""
     return bundled_weights(DEMO)
+
+
+def cityscapes_weights() -> Path:
+    """The bundled Cityscapes checkpoint (keep rate 0.25, 19 classes, CamVid's real frames + synthetic drives)."""
+    return bundled_weights(CITYSCAPES)
 
 
 def camvid_weights() -> Path:
@@ -81,15 +97,19 @@ class ResolvedCheckpoint:
 def resolve_checkpoint(model: str, model_dir: str, dataset: str, keep_rate: float) -> ResolvedCheckpoint:
     """The checkpoint for these settings, checked to predict `dataset`'s classes at `keep_rate`.
 
-    model: an explicit file (wins); otherwise <model_dir>/<checkpoint_name>; otherwise the demo
-    weights when dataset and keep rate are theirs. CheckpointError says what was looked for.
+    model: an explicit file, or a bundled model's name (wins); otherwise <model_dir>/<checkpoint_name>;
+    otherwise the bundled model of that dataset and keep rate. CheckpointError says what was looked for.
     """
-    if model:
+    if model in BUNDLED_BY_NAME and not Path(model).is_file():
+        bundled = BUNDLED_BY_NAME[model]
+        resolved = ResolvedCheckpoint(bundled_weights(bundled), is_demo=bundled.synthetic)
+    elif model:
         path = Path(model).expanduser()
         if not path.is_file():
             raise CheckpointError(f"model {path} does not exist; give the path of a .safetensors checkpoint "
-                                  "written by icnet-train, or leave model empty to select one by dataset and "
-                                  "keep_rate")
+                                  "written by icnet-train, a bundled model's name "
+                                  f"({', '.join(BUNDLED_BY_NAME)}), or leave model empty to select one by "
+                                  "dataset and keep_rate")
         resolved = ResolvedCheckpoint(path, is_demo=False)
     else:
         resolved = _by_name(model_dir, dataset, keep_rate)
@@ -109,7 +129,7 @@ def _by_name(model_dir: str, dataset: str, keep_rate: float) -> ResolvedCheckpoi
         if dataset == bundled.dataset and float(keep_rate) == bundled.keep_rate:
             return ResolvedCheckpoint(bundled_weights(bundled), is_demo=bundled.synthetic)
     where = f"looked for {looked[0]}" if looked else "model and model_dir are empty"
-    shipped = ", ".join(f"{m.dataset} at {m.keep_rate:g}" for m in BUNDLED_MODELS)
+    shipped = ", ".join(f"{m.name} ({m.dataset} at {m.keep_rate:g})" for m in BUNDLED_MODELS)
     hint = ("; for the authors' Cityscapes weights run icnet-import and put the result there"
             if dataset == "cityscapes" else "")
     raise CheckpointError(

@@ -22,18 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from icnet_ros.ros.stamp_gaps import StampGaps
+
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 NS_PER_S = 1_000_000_000
-# Gap detection in the input stamps: a camera's frame interval is a low percentile of its recent
-# intervals. When frames are lost most intervals are multiples of the true one, so the median
-# would drift up with the loss; the shortest intervals are the camera's own. An interval over
-# GAP_FACTOR times it means frames went missing, round(interval / typical) - 1 of them. Too few
-# intervals: no verdict yet.
-GAP_FACTOR = 1.5
-STAMP_INTERVALS_KEPT = 32
-MIN_STAMP_INTERVALS = 5
-TYPICAL_INTERVAL_PERCENTILE = 10
+# Gaps in the input stamps (frames lost before they reached the node) are counted by StampGaps,
+# which holds each camera's frame grid: see stamp_gaps.py for why intervals alone are not enough.
 
 
 @dataclass(frozen=True)
@@ -87,21 +82,19 @@ class CameraStats:
     clock_mismatches: int = 0
     first_received_ns: int | None = None
     last_received_ns: int | None = None
-    last_stamp_ns: int | None = None
     last_clock_offset_s: float = 0.0
     last_problem: str = ""
     # (publish time ns, latency ms or None, node time ms) of recent published frames
     segmented: deque = field(default_factory=deque)
     malformed_at: deque = field(default_factory=deque)  # times of recent malformed frames
     failed_at: deque = field(default_factory=deque)  # times of recent engine failures
-    missing_at: deque = field(default_factory=deque)  # (time, frames missing) of recent gaps
+    # (time, frames missing) of recent gaps; negative: frames counted missing that came late after all
+    missing_at: deque = field(default_factory=deque)
     mismatch_at: deque = field(default_factory=deque)  # times of recent stamps far from the node's clock
-    stamp_intervals: deque = field(default_factory=lambda: deque(maxlen=STAMP_INTERVALS_KEPT))
+    gaps: StampGaps = field(default_factory=StampGaps)
 
-    def typical_interval_ns(self) -> float | None:
-        if len(self.stamp_intervals) < MIN_STAMP_INTERVALS:
-            return None
-        return float(np.percentile(self.stamp_intervals, TYPICAL_INTERVAL_PERCENTILE, method="lower"))
+    def recent_missing(self) -> int:
+        return sum(count for _, count in self.missing_at)
 
 
 class HealthMonitor:
@@ -119,7 +112,8 @@ class HealthMonitor:
         with self._lock:
             self.started_ns = now_ns
             for stats in self.cameras:
-                stats.last_received_ns = stats.last_stamp_ns = None
+                stats.last_received_ns = None
+                stats.gaps.restart()
 
     def frame_received(self, camera: int, now_ns: int, replaced_unprocessed: bool,
                        stamp_ns: int | None = None) -> None:
@@ -135,25 +129,12 @@ class HealthMonitor:
 
     @staticmethod
     def _note_stamp(stats: CameraStats, now_ns: int, stamp_ns: int) -> None:
-        """Count the frames missing between this stamp and the previous one (see GAP_FACTOR)."""
-        previous, stats.last_stamp_ns = stats.last_stamp_ns, stamp_ns
-        if previous is None:
-            return
-        interval = stamp_ns - previous
-        if interval <= 0:  # a replay started over, or frames came out of order: measure afresh
-            stats.stamp_intervals.clear()
-            return
-        known = stats.typical_interval_ns() is not None
-        stats.stamp_intervals.append(interval)
-        typical = stats.typical_interval_ns()
-        if typical is None:
-            return
-        # the first time the rate is known, the intervals it was learned from are judged too
-        for gap in ([interval] if known else list(stats.stamp_intervals)):
-            if gap > GAP_FACTOR * typical:
-                lost = max(1, round(gap / typical) - 1)
-                stats.missing += lost
-                stats.missing_at.append((now_ns, lost))
+        """Count the frames missing before this stamp (StampGaps); a frame counted missing that
+        turns out to have come late is taken back, never below zero."""
+        change = max(stats.gaps.add(stamp_ns), -stats.missing)
+        if change:
+            stats.missing += change
+            stats.missing_at.append((now_ns, change))
 
     def result_dropped(self, camera: int) -> None:
         """A segmented frame was replaced by a newer one before the publisher took it."""
@@ -209,7 +190,7 @@ class HealthMonitor:
             latencies = [latency for _, latency, _ in stats.segmented if latency is not None]
             node_times = [node_ms for _, _, node_ms in stats.segmented]
             problems = self._problems(stats, now_ns, thresholds, rate, latencies)
-            typical = stats.typical_interval_ns()
+            typical = stats.gaps.period_ns
             values = (
                 ("topic", stats.topic),
                 ("rate_hz", f"{rate:.2f}"),
@@ -262,10 +243,10 @@ class HealthMonitor:
                                     f"{stats.last_problem}"))
         if stats.malformed_at:
             problems.append((WARN, f"{len(stats.malformed_at)} malformed frame(s) {window}: {stats.last_problem}"))
-        if stats.missing_at:
-            typical = stats.typical_interval_ns()
+        if stats.recent_missing() > 0:
+            typical = stats.gaps.period_ns
             rate = f" (camera at {NS_PER_S / typical:.1f} Hz)" if typical else ""
-            problems.append((WARN, f"{sum(n for _, n in stats.missing_at)} input frame(s) missing {window}, by the "
+            problems.append((WARN, f"{stats.recent_missing()} input frame(s) missing {window}, by the "
                                    f"gaps in the header stamps{rate}: frames are lost before they reach the node, "
                                    "e.g. in DDS (see README: large images over DDS)"))
         if stats.mismatch_at:

@@ -312,6 +312,39 @@ def rgb_to_compressed(
                           encoded.reshape(-1))
 
 
+# compressed_image_transport stores colour images as BGR JPEG whatever their encoding (dropping alpha)
+_JPEG_TO_BGR = {"rgb8": cv2.COLOR_RGB2BGR, "bgr8": None, "rgba8": cv2.COLOR_RGBA2BGR, "bgra8": cv2.COLOR_BGRA2BGR}
+
+
+def image_to_jpeg(
+    pixels: np.ndarray,
+    encoding: str,
+    header: Any = None,
+    message_type: type | None = None,
+    *,
+    quality: int = 95,
+) -> Any:
+    """A sensor_msgs/CompressedImage of a colour image, as image_transport's compressed plugin writes it.
+
+    The JPEG holds the pixels in BGR (alpha dropped) and `format` says "<encoding>; jpeg compressed
+    bgr8", so image_transport subscribers (RViz, image_view, rqt) turn it back into `encoding`.
+    message_type works as in numpy_to_image.
+    """
+    if encoding not in _JPEG_TO_BGR:
+        raise ImageConversionError(
+            f"a JPEG CompressedImage is made here from {sorted(_JPEG_TO_BGR)} images; got {encoding!r}"
+        )
+    checked = _checked_pixels(pixels, encoding, ENCODINGS[encoding])
+    code = _JPEG_TO_BGR[encoding]
+    bgr = checked if code is None else cv2.cvtColor(checked, code)
+    ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ImageConversionError(f"OpenCV could not encode a {checked.shape} {encoding} image as JPEG")
+    fields = {"format": f"{encoding}; jpeg compressed bgr8"}
+    return _build_message(message_type or _humble_class("sensor_msgs/msg/CompressedImage"), header, fields,
+                          encoded.reshape(-1))
+
+
 def _stored_as_rgb(fmt: str) -> bool:
     match = re.search(r"compressed\s+(\w+)", fmt)
     return bool(match) and match.group(1).lower().startswith("rgb")

@@ -11,6 +11,10 @@ before any process starts, so a launch that cannot complete starts nothing.
 - RViz is optional: rviz:=auto (the default) opens it for demo:=true where it is installed and
   runs headless elsewhere; rviz:=true without RViz is an error before anything starts.
 - dds_config:=large_images adds the package's DDS settings for multi-megabyte images.
+- A bag played by the launch (bag:= or demo:=true) sets the time: it is played with --clock and
+  the node and RViz follow it (use_sim_time true), unless use_sim_time:=false is given or the
+  parameter file sets use_sim_time. Stamps recorded days ago then read as fresh, so latency is
+  measured and /diagnostics sees no clock mismatch.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from icnet_ros.config import ConfigError
+from icnet_ros.model.registry import DEMO
 from icnet_ros.paths import config_dir
-from icnet_ros.ros.node_config import DATASETS, KEEP_RATES, load_node_config, read_ros_parameters
+from icnet_ros.ros.node_config import DATASETS, KEEP_RATES, NodeConfig, load_node_config, read_ros_parameters
 from icnet_ros.ros.topics import output_topics
 
 RVIZ_TEMPLATE = "segment.rviz"
@@ -54,9 +59,9 @@ LAUNCH_ARGUMENTS = (
                    tuple(f"{rate:g}" if rate != 1.0 else "1.0" for rate in KEEP_RATES), "keep_rate"),
     LaunchArgument("branch", "", f"Cascade output: sub124 (accurate) .. sub4 (fast). {FROM_FILE}",
                    ("sub124", "sub24", "sub4"), "branch"),
-    LaunchArgument("model", "", "Checkpoint file; empty selects one by dataset and compression (the bundled "
-                   "CamVid model for camvid at 0.25, the synthetic demo weights for cityscapes at 0.25).", None,
-                   "model"),
+    LaunchArgument("model", "", "Checkpoint file or bundled model name (cityscapes, camvid, demo); empty selects "
+                   "one by dataset and compression (at 0.25 the bundled real-street models; demo:=true: the "
+                   "synthetic demo weights, which know its drive).", None, "model"),
     LaunchArgument("model_dir", "", f"Folder of icnet_<dataset>_keep<rate>.safetensors checkpoints. {FROM_FILE}",
                    None, "model_dir"),
     LaunchArgument("image_topic", "", "Camera image topic, e.g. /camera/image_raw: the node runs in its namespace "
@@ -75,8 +80,10 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument("bag", "", "A rosbag2 to play in a loop into the node (ros2 bag play --loop)."),
     LaunchArgument("demo", "false", "Play the embedded synthetic drive as a bag in a loop (built on first use, "
                    "about 10 s), with RViz where it is installed.", ("true", "false")),
-    LaunchArgument("use_sim_time", "", "Use /clock (true/false); with a bag, the bag is played with --clock. "
-                   + FROM_FILE, ("true", "false"), "use_sim_time"),
+    LaunchArgument("use_sim_time", "", "Follow /clock (true/false); a bag is played with --clock when true. "
+                   "Empty: the parameter file's value, else true while the launch plays a bag (bag:=, "
+                   "demo:=true), so latency is measured against the recording's time.", ("true", "false"),
+                   "use_sim_time"),
     LaunchArgument("dds_config", "", "large_images: the package's DDS settings for multi-megabyte images (Cyclone "
                    "DDS and Fast DDS; see README). Empty: the environment's.", tuple(DDS_CONFIGS)),
     LaunchArgument("autostart", "true", "Bring the lifecycle node to active (configure, then activate); false "
@@ -93,7 +100,7 @@ class LaunchPlan:
     remappings: list[tuple[str, str]] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)  # for the node and the bag player
     autostart: bool = True
-    use_sim_time: bool = False  # the launch argument, else the parameter file's value
+    use_sim_time: bool = False  # the launch argument, else the parameter file's value, else whether a bag plays
     rviz_config: Path | None = None
     bag_command: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # said by the launch file before it starts anything
@@ -131,13 +138,19 @@ def plan_launch(values: dict[str, str], rviz_dir: Path | None = None,
     demo = parse_bool("demo", values["demo"])
     image_topic = values["image_topic"] or (_demo_topic() if demo else "")
     parameters = _given_parameters(values)
+    if demo and _demo_weights_fit(parameters, params_file):
+        parameters["model"] = DEMO.name  # the synthetic drive is what the demo weights know
     parameters["autostart"] = False  # the launch file drives configure and activate (or a lifecycle manager)
     _check_image_topic(params_file, image_topic)
     load_node_config(params_file, parameters)  # fails here, naming the bad value, before anything starts
     namespace = values["namespace"] or (posixpath.dirname(image_topic) if image_topic.startswith("/") else "")
-    use_sim_time = parameters.get("use_sim_time", read_ros_parameters(params_file).get("use_sim_time", False))
+    use_sim_time = _chosen_use_sim_time(parameters, params_file)
+    if use_sim_time is None:  # nobody said: a bag the launch plays sets the time, else the wall clock does
+        use_sim_time = bool(values["bag"]) or demo
+        if use_sim_time:
+            parameters["use_sim_time"] = True  # the file does not set it, so the node is told here
     plan = LaunchPlan(params_file, parameters, namespace, autostart=parse_bool("autostart", values["autostart"]),
-                      use_sim_time=bool(use_sim_time))
+                      use_sim_time=use_sim_time)
     if image_topic:
         plan.remappings.append((DEFAULT_IMAGE_NAME, image_topic))
     _plan_dds(plan, values["dds_config"], environ)
@@ -147,6 +160,26 @@ def plan_launch(values: dict[str, str], rviz_dir: Path | None = None,
         plan.bag_command = bag_play_command(bag, plan.use_sim_time)
     _plan_rviz(plan, values["rviz"], demo, image_topic, rviz_dir, package_available)
     return plan
+
+
+def _chosen_use_sim_time(parameters: dict[str, Any], params_file: Path) -> bool | None:
+    """use_sim_time:= if given, else the parameter file's; None when neither says."""
+    if "use_sim_time" in parameters:
+        return bool(parameters["use_sim_time"])
+    from_file = read_ros_parameters(params_file)
+    if "use_sim_time" in from_file:
+        return parse_bool(f"use_sim_time in {params_file}", from_file["use_sim_time"])
+    return None
+
+
+def _demo_weights_fit(parameters: dict[str, Any], params_file: Path) -> bool:
+    """demo:=true runs the demo weights unless a model, or another class map, was asked for."""
+    from_file = read_ros_parameters(params_file)
+    if parameters.get("model") or from_file.get("model"):
+        return False
+    dataset = parameters.get("dataset", from_file.get("dataset", NodeConfig().dataset))
+    keep_rate = float(parameters.get("keep_rate", from_file.get("keep_rate", NodeConfig().keep_rate)))
+    return (dataset, keep_rate) == (DEMO.dataset, DEMO.keep_rate)
 
 
 def _checked_values(values: dict[str, str]) -> dict[str, str]:

@@ -39,4 +39,5 @@ def rosbags_message_types():
 
     store = package_typestore()
     return MessageTypes(image=store.types["sensor_msgs/msg/Image"],
-                        timing=store.types[f"{PACKAGE}/msg/SegmentationTiming"])
+                        timing=store.types[f"{PACKAGE}/msg/SegmentationTiming"],
+                        compressed=store.types["sensor_msgs/msg/CompressedImage"])

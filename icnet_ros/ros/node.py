@@ -9,12 +9,15 @@ autostart false and drive the transitions. Per camera (names relative to the nod
     <camera ns>/segmentation/labels       sensor_msgs/Image (mono8, mono16 beyond 255 classes)
     <camera ns>/segmentation/color        sensor_msgs/Image (rgb8)
     <camera ns>/segmentation/overlay      sensor_msgs/Image (the input's encoding; rgb8 for mono/Bayer/YUV)
+    <camera ns>/segmentation/{color,overlay}/compressed
+                                          sensor_msgs/CompressedImage (JPEG, as image_transport's plugin)
     <camera ns>/segmentation/camera_info  sensor_msgs/CameraInfo (the camera's, relayed)
     <camera ns>/segmentation/timing       icnet_ros/SegmentationTiming
     <camera ns>/segmentation/label_info   vision_msgs/LabelInfo (transient local: latched)
     /diagnostics                          diagnostic_msgs/DiagnosticArray (diagnostic_updater)
 
-Every output carries the input's header. An image output nobody subscribes to is not computed.
+Every output carries the input's header. An image output nobody subscribes to is not computed, nor
+is a JPEG encoded for a compressed topic nobody subscribes to.
 Only this module (and the launch file) imports ROS.
 """
 from __future__ import annotations
@@ -54,10 +57,10 @@ from icnet_ros.ros.node_config import (
     parameter_specs,
     with_changes,
 )
-from icnet_ros.ros.processor import IMAGE_OUTPUTS
+from icnet_ros.ros.processor import IMAGE_OUTPUTS, output_messages
 from icnet_ros.ros.publisher import MessageTypes
 from icnet_ros.ros.session import STARTUP_ERRORS, SegmentationSession, create_engine, startup_error_message
-from icnet_ros.ros.topics import camera_info_topic, output_topics, subscription_topic
+from icnet_ros.ros.topics import COMPRESSED_SUFFIX, camera_info_topic, output_topics, subscription_topic
 
 PARAMETER_TYPES = {
     "string": ParameterType.PARAMETER_STRING,
@@ -114,8 +117,8 @@ class SegmentationNode(LifecycleNode):
         topics = self.config.image_topics
         self._publishers = [self._create_publishers(topic) for topic in topics]
         log = LogThrottle(self.get_logger().warning, self.config.log_throttle_s)
-        self.session = SegmentationSession(engine, self.config, checkpoint.path,
-                                           MessageTypes(Image, SegmentationTiming), self._publish,
+        message_types = MessageTypes(Image, SegmentationTiming, CompressedImage)
+        self.session = SegmentationSession(engine, self.config, checkpoint.path, message_types, self._publish,
                                            self._has_subscribers, self._now_ns, log)
         for index, topic in enumerate(topics):
             self._diagnostics.add(self._camera_task(topic), partial(self._diagnose_camera, index))
@@ -232,7 +235,9 @@ class SegmentationNode(LifecycleNode):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.config.output_qos_depth,
                          reliability=RELIABILITY[self.config.output_qos_reliability],
                          durability=DurabilityPolicy.VOLATILE)
-        publishers = {name: self.create_lifecycle_publisher(Image, names[name], qos) for name in IMAGE_OUTPUTS}
+        publishers = {name: self.create_lifecycle_publisher(
+            CompressedImage if name.endswith(COMPRESSED_SUFFIX) else Image, names[name], qos)
+            for output in IMAGE_OUTPUTS for name in output_messages(output)}
         publishers["camera_info"] = self.create_lifecycle_publisher(CameraInfo, names["camera_info"], qos)
         publishers["timing"] = self.create_lifecycle_publisher(SegmentationTiming, names["timing"], qos)
         label_info = _label_info_type()

@@ -5,9 +5,9 @@ load); the node declares one ROS parameter per field, with the field's descripti
 and range, from parameter_specs(). Nothing here imports ROS, so the same validation runs in tests
 and in the node, and its errors list the values that would be accepted.
 
-Fields marked dynamic may change while the node runs (branch, overlay alpha, published outputs and
-the diagnostic thresholds); the others need a restart because they choose the model, the device or
-the subscriptions.
+Fields marked dynamic may change while the node runs (branch, overlay alpha, published outputs, their
+JPEG quality and size, and the diagnostic thresholds); the others need a restart because they choose
+the model, the device or the subscriptions.
 """
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ KEEP_RATES = (1.0, 0.5, 0.25)
 DATASETS = ("cityscapes", "camvid", "cocostuff")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 OUTPUT_FLAGS = ("publish_labels", "publish_color", "publish_overlay")
+# image_transport's default is 95; at 80 a 1024x2048 overlay encodes in 4 ms to 166 kB, not 7 ms
+# to 384 kB (README: cheaper visual outputs)
+JPEG_QUALITY = 80
+MIN_VISUAL_SCALE = 0.05  # a 2048-pixel-wide camera still gives 102 pixels: smaller shows nothing
 
 
 def _field(default: Any, description: str, *, dynamic: bool = False, choices: tuple | None = None,
@@ -39,9 +43,9 @@ def _field(default: Any, description: str, *, dynamic: bool = False, choices: tu
 @dataclass(frozen=True)
 class NodeConfig:
     # --- model -------------------------------------------------------------------------------------
-    model: str = _field("", "Checkpoint file (.safetensors). Empty: <model_dir>/icnet_<dataset>_keep<keep_rate>"
-                        ".safetensors, or at keep rate 0.25 a bundled model: the CamVid model (real streets) "
-                        "for camvid, the synthetic demo weights for cityscapes.")
+    model: str = _field("", "Checkpoint file (.safetensors), or a bundled model's name (cityscapes, camvid, "
+                        "demo). Empty: <model_dir>/icnet_<dataset>_keep<keep_rate>.safetensors, or at keep rate "
+                        "0.25 the bundled real-street model of the dataset (cityscapes: 19 classes, camvid: 11).")
     model_dir: str = _field("", "Folder of checkpoints named icnet_<dataset>_keep<keep_rate>.safetensors, "
                             "searched when model is empty.")
     dataset: Literal["cityscapes", "camvid", "cocostuff"] = _field(
@@ -85,11 +89,22 @@ class NodeConfig:
     # --- outputs -----------------------------------------------------------------------------------
     publish_labels: bool = _field(True, "Publish segmentation/labels (mono8 class ids; mono16 beyond 255).",
                                   dynamic=True)
-    publish_color: bool = _field(True, "Publish segmentation/color (rgb8, the class map's colors).", dynamic=True)
+    publish_color: bool = _field(True, "Publish segmentation/color (rgb8, the class map's colors) and "
+                                 "color/compressed.", dynamic=True)
     publish_overlay: bool = _field(True, "Publish segmentation/overlay (colors blended over the camera "
-                                   "image, in the input's encoding).", dynamic=True)
+                                   "image, in the input's encoding) and overlay/compressed.", dynamic=True)
     overlay_alpha: float = _field(0.5, "Opacity of the colors in the overlay: 0 = camera image only, "
                                   "1 = colors only.", dynamic=True, value_range=(0.0, 1.0))
+    jpeg_quality: int = _field(JPEG_QUALITY, "JPEG quality of segmentation/color/compressed and "
+                               "overlay/compressed (sensor_msgs/CompressedImage, named and formatted as "
+                               "image_transport's compressed plugin does, so RViz and image_view show them). "
+                               "Encoded only while someone subscribes to them.", dynamic=True, value_range=(1, 100))
+    visual_scale: float = _field(1.0, "Size of color, overlay and their compressed forms relative to the camera "
+                                 "frame (1 = full size; 0.5 = a quarter of the pixels to publish and encode). "
+                                 "labels always stay full size. camera_info is relayed unchanged: it describes "
+                                 "the full-size frame, so whoever projects through it onto a scaled output "
+                                 "multiplies fx, fy, cx and cy by visual_scale.", dynamic=True,
+                                 value_range=(MIN_VISUAL_SCALE, 1.0))
     output_qos_reliability: Literal["best_effort", "reliable"] = _field(
         "reliable", "Output QoS reliability (reliable outputs reach reliable and best_effort subscribers).",
         choices=("best_effort", "reliable"))

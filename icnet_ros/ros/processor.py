@@ -2,7 +2,8 @@
 
     camera callback --put--> LatestFrameBuffer --take--> segmentation worker: FrameProcessor
         start(frames):  convert each message (a malformed one is counted, logged, skipped)
-                        ask which outputs anyone subscribes to: nothing else is computed or downloaded
+                        ask which messages anyone subscribes to (an image, or its compressed form):
+                        no other output is computed or downloaded
                         batch the frames by size, channel order and outputs: one engine.submit each
         finish(work):   engine.collect, then deliver a SegmentedFrame per camera
                         --> publishing worker (publisher.py)
@@ -27,8 +28,9 @@ from icnet_ros.ros.frame_buffer import IncomingFrame
 from icnet_ros.ros.health import HealthMonitor
 from icnet_ros.ros.image_conversion import ImageConversionError
 from icnet_ros.ros.node_config import NodeConfig
+from icnet_ros.ros.topics import COMPRESSED_SUFFIX, VISUAL_OUTPUTS, compressed_output
 
-IMAGE_OUTPUTS = ("labels", "color", "overlay")
+IMAGE_OUTPUTS = ("labels", "color", "overlay")  # what the engine computes
 OUTPUT_FLAGS = {"labels": "publish_labels", "color": "publish_color", "overlay": "publish_overlay"}
 
 Demand = Callable[[int, str], bool]  # (camera index, output name) -> does anyone subscribe to it
@@ -37,8 +39,17 @@ Log = Callable[[str, str], None]  # (kind of problem, text): the node throttles 
 
 
 def everyone_listens(camera: int, output: str) -> bool:
-    """The demand of tools and tests without ROS: every enabled output is wanted."""
-    return True
+    """The demand of tools and tests without ROS: every enabled image (and camera_info) is wanted;
+    compressed forms only where a demand asks for them."""
+    return not output.endswith(COMPRESSED_SUFFIX)
+
+
+def output_messages(output: str) -> tuple[str, ...]:
+    """The messages an engine output is published as: its image, and a visual output's compressed form."""
+    return (output, compressed_output(output)) if output in VISUAL_OUTPUTS else (output,)
+
+
+MESSAGE_OUTPUTS = {message: output for output in IMAGE_OUTPUTS for message in output_messages(output)}
 
 
 @dataclass
@@ -48,6 +59,7 @@ class SegmentedFrame:
     camera: int
     header: Any  # the input message's header, unchanged
     outputs: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # name -> (pixels, encoding)
+    messages: tuple[str, ...] = ()  # what to publish of them (output_messages), as subscribed when it started
     timings: StageTimings = field(default_factory=StageTimings)
     convert_ms: float = 0.0
     taken_s: float = 0.0  # time.perf_counter() when the worker took the frame from the buffer
@@ -70,7 +82,7 @@ class _Converted:
     frame: IncomingFrame
     pixels: EngineInput
     convert_ms: float
-    wanted: tuple[str, ...]
+    wanted: tuple[str, ...]  # the image messages subscribed to (output_messages)
 
 
 @dataclass
@@ -106,9 +118,10 @@ class FrameProcessor:
         device = getattr(self.engine, "device", None)
         return getattr(device, "type", "cpu") == "cuda"
 
-    def wanted_outputs(self, camera: int, config: NodeConfig) -> tuple[str, ...]:
-        """The image outputs of `camera` that are enabled and have a subscriber right now."""
-        return tuple(name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name]) and self.demand(camera, name))
+    def wanted_messages(self, camera: int, config: NodeConfig) -> tuple[str, ...]:
+        """The image messages of `camera` (output_messages) that are enabled and have a subscriber right now."""
+        return tuple(message for output in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[output])
+                     for message in output_messages(output) if self.demand(camera, message))
 
     def process(self, frames: list[IncomingFrame]) -> list[FrameResult]:
         """start + finish: segment and deliver `frames` before returning (tools and tests)."""
@@ -128,7 +141,7 @@ class FrameProcessor:
             except ImageConversionError as error:
                 work.results.append(self._malformed(frame, error))
                 continue
-            converted.append(_Converted(frame, pixels, _ms_since(start), self.wanted_outputs(frame.camera, config)))
+            converted.append(_Converted(frame, pixels, _ms_since(start), self.wanted_messages(frame.camera, config)))
         for group in _batches(converted):
             self._submit(work, group)
         return work
@@ -141,14 +154,14 @@ class FrameProcessor:
         return results
 
     def _submit(self, work: Work, group: list[_Converted]) -> None:
-        wanted = group[0].wanted
-        if not wanted:  # nobody listens to any image of these cameras: compute nothing
+        computed = {MESSAGE_OUTPUTS[message] for message in group[0].wanted}
+        if not computed:  # nobody listens to any image of these cameras: compute nothing
             work.batches.append((group, None))
             return
         try:
             pending = self.engine.submit([item.pixels.pixels for item in group],
                                         channel_order=group[0].pixels.channel_order,
-                                        **{name: name in wanted for name in IMAGE_OUTPUTS})
+                                        **{name: name in computed for name in IMAGE_OUTPUTS})
         except Exception as error:  # a CUDA out-of-memory, say: report it and keep serving later frames
             work.results.extend(self._failed(group, error))
             return
@@ -180,7 +193,7 @@ class FrameProcessor:
 
     def _deliver(self, item: _Converted, outputs: dict, timings: StageTimings, work: Work,
                  outcome: str) -> FrameResult:
-        self.deliver(SegmentedFrame(item.frame.camera, item.frame.message.header, outputs, timings,
+        self.deliver(SegmentedFrame(item.frame.camera, item.frame.message.header, outputs, item.wanted, timings,
                                     item.convert_ms, work.taken_s, work.config.branch, self.engine.precision))
         return FrameResult(item.frame.camera, outcome, outputs=tuple(outputs))
 
@@ -199,7 +212,7 @@ def _outputs(seg, pixels: EngineInput):
 
 
 def _batches(converted: list[_Converted]) -> list[list[_Converted]]:
-    """Frames grouped by (height, width, channel order, wanted outputs): one engine call each."""
+    """Frames grouped by (height, width, channel order, wanted messages): one engine call each."""
     groups: dict[tuple, list] = {}
     for item in converted:
         key = (*item.pixels.pixels.shape[:2], item.pixels.channel_order, item.wanted)

@@ -3,8 +3,13 @@
 Per frame, in this order, each with the input image's header:
 
     segmentation/labels, color, overlay   the outputs the processor computed (those with subscribers)
+    segmentation/{color,overlay}/compressed
+                                          JPEG (sensor_msgs/CompressedImage), encoded only when subscribed
     segmentation/camera_info              the camera's CameraInfo, relayed (if anyone subscribes)
     segmentation/timing                   always: stage times, latency, counts, what was published
+
+color and overlay (and their compressed forms) are published at visual_scale times the frame's
+size, resized here once per frame; labels always at the frame's size.
 
 rclpy serializes inside publish(), which costs milliseconds per multi-megabyte image; running here,
 on a thread of its own, that cost never delays the segmentation of the next frame. Message classes
@@ -21,14 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+
 from icnet_ros.ros.health import HealthMonitor
-from icnet_ros.ros.image_conversion import numpy_to_image
+from icnet_ros.ros.image_conversion import image_to_jpeg, numpy_to_image
 from icnet_ros.ros.node_config import NodeConfig
-from icnet_ros.ros.processor import Demand, SegmentedFrame, everyone_listens
+from icnet_ros.ros.processor import Demand, SegmentedFrame, everyone_listens, output_messages
 from icnet_ros.ros.recycler import MessageRecycler
+from icnet_ros.ros.topics import COMPRESSED_SUFFIX, VISUAL_OUTPUTS
 
 Publish = Callable[[int, str, Any], None]  # (camera index, output name, message)
 CAMERA_INFOS_KEPT = 8  # per camera: enough to find the one stamped like a frame that waited in the buffers
+# Shrinking: class colors by the nearest pixel (every pixel stays a class's color), the overlay by
+# area averaging (a smaller camera image without aliasing).
+SHRINKING = {"color": cv2.INTER_NEAREST, "overlay": cv2.INTER_AREA}
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class MessageTypes:
 
     image: type
     timing: type
+    compressed: type | None = None  # sensor_msgs/CompressedImage; None: the rosbags class
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ class OutputPublisher:
         """Publish one frame's messages; returns the names published, timing last."""
         config = self.config
         start = time.perf_counter()
-        published = [name for name in frame.outputs if self._publish_image(frame, name)]
+        published = self._publish_images(frame, config)
         if self._relay_camera_info(frame):
             published.append("camera_info")
         publish_ms = (time.perf_counter() - start) * 1e3
@@ -122,14 +135,25 @@ class OutputPublisher:
         self.publish(frame.camera, "timing", self._timing_message(frame, publish_ms, total_ms, latency_ms, published))
         return (*published, "timing")
 
-    def _publish_image(self, frame: SegmentedFrame, name: str) -> bool:
-        pixels, encoding = frame.outputs[name]
+    def _publish_images(self, frame: SegmentedFrame, config: NodeConfig) -> list[str]:
+        """Each computed output as the messages subscribed to (frame.messages); their names."""
+        published = []
+        for output, (pixels, encoding) in frame.outputs.items():
+            if output in VISUAL_OUTPUTS:
+                pixels = visual_size(pixels, output, config.visual_scale)
+            for name in output_messages(output):
+                if name in frame.messages:
+                    self.publish(frame.camera, name, self._image_message(frame, name, pixels, encoding, config))
+                    published.append(name)
+        return published
+
+    def _image_message(self, frame: SegmentedFrame, name: str, pixels: np.ndarray, encoding: str,
+                       config: NodeConfig) -> Any:
+        if name.endswith(COMPRESSED_SUFFIX):
+            return image_to_jpeg(pixels, encoding, frame.header, self.types.compressed, quality=config.jpeg_quality)
         if self.recycler is not None:
-            message = self.recycler.image((frame.camera, name), pixels, encoding, frame.header)
-        else:
-            message = numpy_to_image(pixels, encoding, frame.header, self.types.image)
-        self.publish(frame.camera, name, message)
-        return True
+            return self.recycler.image((frame.camera, name), pixels, encoding, frame.header)
+        return numpy_to_image(pixels, encoding, frame.header, self.types.image)
 
     def _relay_camera_info(self, frame: SegmentedFrame) -> bool:
         if self.camera_infos is None or not self.demand(frame.camera, "camera_info"):
@@ -160,3 +184,12 @@ class OutputPublisher:
             frames_dropped=counts.dropped, frames_malformed=counts.malformed, frames_missing=counts.missing,
             outputs=list(published), model=self.model.model, class_map=self.model.class_map, branch=frame.branch,
             keep_rate=self.model.keep_rate, device=self.model.device, precision=frame.precision)
+
+
+def visual_size(pixels: np.ndarray, output: str, scale: float) -> np.ndarray:
+    """A visual output at `scale` times its size (at least one pixel each way); unchanged at 1."""
+    if scale == 1.0:
+        return pixels
+    height, width = pixels.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # OpenCV: (width, height)
+    return cv2.resize(np.ascontiguousarray(pixels), size, interpolation=SHRINKING[output])

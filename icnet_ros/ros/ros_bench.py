@@ -4,7 +4,8 @@ Each command starts the node as its own process (`python -m icnet_ros.ros.node`,
 `ros2 run icnet_ros segment_node` runs), plays a camera and listens from this process, then stops
 the node with SIGINT and reports its exit code. Needs a sourced ROS 2 with icnet_ros built.
 
-    ros_bench publish-cost --size 1024x2048 --frames 20      # publish_ms: no subscriber, labels, all three
+    ros_bench publish-cost --size 1024x2048 --frames 20      # publish_ms per set of subscribers: none, labels,
+                                                             # + color + overlay raw, compressed, at --visual-scale
     ros_bench dds-loss --size 1024x2048 --rate 5 --count 100 [--dds-config large_images]
     ros_bench soak --size 128x256 --rate 30 --count 10000    # RSS and threads, nothing stuck, clean exit
 
@@ -27,16 +28,24 @@ from typing import ClassVar
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import SetParameters
+from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 
 from icnet_ros.msg import SegmentationTiming
 from icnet_ros.paths import config_dir
 from icnet_ros.ros.image_conversion import numpy_to_image
 from icnet_ros.ros.launch_plan import DDS_CONFIGS
+from icnet_ros.ros.node_config import JPEG_QUALITY, NODE_NAME
+from icnet_ros.ros.topics import COMPRESSED_SUFFIX
 
-CAMERA_TOPIC = "/bench_cam/image_raw"
-OUTPUTS = "/bench_cam/segmentation"
+NAMESPACE = "/bench_cam"
+CAMERA_TOPIC = f"{NAMESPACE}/image_raw"
+OUTPUTS = f"{NAMESPACE}/segmentation"
+RAW_VISUALS = ("labels", "color", "overlay")
+COMPRESSED_VISUALS = ("labels", "color/compressed", "overlay/compressed")
+SERVICE_WAIT_S = 10.0
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -48,7 +57,7 @@ class NodeProcess:
 
     def __init__(self, node_arguments: list[str], environment: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "icnet_ros.ros.node", "--ros-args", "-r", f"image:={CAMERA_TOPIC}",
-                   "-r", "__ns:=/bench_cam", *node_arguments]
+                   "-r", f"__ns:={NAMESPACE}", *node_arguments]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, **(environment or {})})
         NodeProcess.started.append(self)
@@ -108,8 +117,31 @@ class Bench:
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, RELIABLE_QOS)
         self.sent_stamps: list[int] = []
 
-    def listen(self, output: str):
-        return self.node.create_subscription(Image, f"{OUTPUTS}/{output}", lambda message: None, RELIABLE_QOS)
+    def listen(self, output: str, received_bytes: list[int] | None = None):
+        """Subscribe to an output (a CompressedImage for .../compressed, else an Image); each message's
+        data size goes to `received_bytes`."""
+        kind = CompressedImage if output.endswith(COMPRESSED_SUFFIX) else Image
+        def note(message) -> None:
+            if received_bytes is not None:
+                received_bytes.append(len(message.data))
+
+        return self.node.create_subscription(kind, f"{OUTPUTS}/{output}", note, RELIABLE_QOS)
+
+    def set_node_parameter(self, name: str, value) -> None:
+        """Change one of the node's runtime parameters, as `ros2 param set` does."""
+        client = self.node.create_client(SetParameters, f"{NAMESPACE}/{NODE_NAME}/set_parameters")
+        try:
+            if not client.wait_for_service(timeout_sec=SERVICE_WAIT_S):
+                raise RuntimeError(f"the node's set_parameters service did not appear in {SERVICE_WAIT_S} s")
+            request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
+            future = client.call_async(request)
+            while not future.done():
+                rclpy.spin_once(self.node, timeout_sec=0.1)
+            result = future.result().results[0]
+            if not result.successful:
+                raise RuntimeError(f"the node refused {name}={value!r}: {result.reason}")
+        finally:
+            self.node.destroy_client(client)
 
     def send(self) -> None:
         now = time.time_ns()
@@ -154,16 +186,29 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def publish_cost_cases(visual_scale: float) -> list[tuple[str, tuple[str, ...], float]]:
+    """(case, outputs subscribed to, visual_scale): what each case of publish-cost measures."""
+    reduced = f"at visual_scale {visual_scale:g}"
+    return [("no subscriber", (), 1.0), ("labels", ("labels",), 1.0),
+            ("labels + color + overlay", RAW_VISUALS, 1.0),
+            ("labels + compressed color + overlay", COMPRESSED_VISUALS, 1.0),
+            (f"labels + color + overlay {reduced}", RAW_VISUALS, visual_scale),
+            (f"labels + compressed color + overlay {reduced}", COMPRESSED_VISUALS, visual_scale)]
+
+
 def publish_cost(args, node_arguments: list[str]) -> dict:
-    """Median publish_ms (the publishing thread's time per frame) for three sets of subscribers."""
-    node = NodeProcess(["-p", "stall_timeout_s:=60.0", *node_arguments])
+    """Median publish_ms (the publishing thread's time per frame) and the bytes each output sends, per
+    set of subscribers: labels only, the raw visual outputs, their compressed forms, and both at a
+    reduced size (visual_scale, changed at runtime between the cases)."""
+    node = NodeProcess(["-p", "stall_timeout_s:=60.0", "-p", f"jpeg_quality:={args.jpeg_quality}", *node_arguments])
     node.wait_for("segmenting")
     bench = Bench(args.size)
     bench.wait_subscribed()
     results = {}
-    for case, outputs in (("no subscriber", ()), ("labels", ("labels",)), ("labels + color + overlay",
-                                                                          ("labels", "color", "overlay"))):
-        subscriptions = [bench.listen(output) for output in outputs]
+    for case, outputs, visual_scale in publish_cost_cases(args.visual_scale):
+        bench.set_node_parameter("visual_scale", visual_scale)
+        sizes: dict[str, list[int]] = {output: [] for output in outputs}
+        subscriptions = [bench.listen(output, sizes[output]) for output in outputs]
         bench.spin_for(2.0)  # discovery: the node sees its new subscribers
         bench.timings.clear()
         bench.play(args.rate, args.frames * 100, until=lambda: len(bench.timings) >= args.frames)
@@ -171,12 +216,14 @@ def publish_cost(args, node_arguments: list[str]) -> dict:
         measured = [t for t in bench.timings if sorted(t.outputs) == sorted(outputs)]
         results[case] = {"frames": len(measured),
                          "publish_ms_median": statistics.median(t.publish_ms for t in measured) if measured else None,
-                         "total_ms_median": statistics.median(t.total_ms for t in measured) if measured else None}
+                         "total_ms_median": statistics.median(t.total_ms for t in measured) if measured else None,
+                         "bytes_median": {output: statistics.median(sizes[output]) if sizes[output] else None
+                                          for output in outputs}}
         for subscription in subscriptions:
             bench.node.destroy_subscription(subscription)
     code, seconds = node.stop()
-    return {"size": f"{args.size[0]}x{args.size[1]}", "cases": results, "node_exit_code": code,
-            "exit_s": round(seconds, 2)}
+    return {"size": f"{args.size[0]}x{args.size[1]}", "jpeg_quality": args.jpeg_quality, "cases": results,
+            "node_exit_code": code, "exit_s": round(seconds, 2)}
 
 
 def dds_loss(args, node_arguments: list[str]) -> dict:
@@ -250,9 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ros2 run icnet_ros ros_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    cost = commands.add_parser("publish-cost", help="publish_ms with no subscriber, labels only, all outputs")
+    cost = commands.add_parser("publish-cost", help="publish_ms with no subscriber, labels only, the visual "
+                               "outputs raw and compressed, at full and at a reduced size")
     cost.add_argument("--frames", type=int, default=20)
     cost.add_argument("--rate", type=float, default=2.0)
+    cost.add_argument("--visual-scale", type=float, default=0.5, help="the reduced size of the last two cases")
+    cost.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="the node's jpeg_quality")
     loss = commands.add_parser("dds-loss", help="frames lost between a best-effort camera and the node")
     loss.add_argument("--count", type=int, default=100)
     loss.add_argument("--rate", type=float, default=5.0)

@@ -18,7 +18,11 @@ from typing import Any
 
 from icnet_ros.config import ConfigError
 from icnet_ros.inference.engine import SegmentationEngine
+from icnet_ros.inference.frames import CHANNEL_ORDERS
+from icnet_ros.inference.graphs import DEFAULT_CAPACITY
+from icnet_ros.inference.plan import weak_method
 from icnet_ros.model.checkpoint import CheckpointError
+from icnet_ros.model.icnet import BRANCHES
 from icnet_ros.model.preprocess import parse_input_size
 from icnet_ros.model.registry import ResolvedCheckpoint, resolve_checkpoint
 from icnet_ros.ros.frame_buffer import IncomingFrame, LatestFrameBuffer
@@ -54,19 +58,36 @@ def create_engine(config: NodeConfig) -> tuple[SegmentationEngine, ResolvedCheck
     checkpoint = resolve_checkpoint(config.model, config.model_dir, config.dataset, config.keep_rate)
     engine = SegmentationEngine.from_checkpoint(
         checkpoint.path, device=config.device, branch=config.branch, precision=config.precision,
-        threads=config.cpu_threads or None, alpha=config.overlay_alpha, backend=config.backend)
+        threads=config.cpu_threads or None, alpha=config.overlay_alpha, backend=config.backend,
+        graph_cache_size=graph_cache_size(config))
     engine.input_size = parse_input_size(config.input_size, engine.config.input_size)
     warm_up(engine, config)
     return engine, checkpoint
 
 
+def batch_sizes(config: NodeConfig) -> range:
+    """The batches the node can hand the engine: the processor batches the frames waiting, one per
+    camera at most, so any number from one to the number of cameras."""
+    return range(1, len(config.image_topics) + 1)
+
+
+def graph_cache_size(config: NodeConfig) -> int:
+    """CUDA graph shapes to keep: every batch size the cameras can produce, in both channel orders and
+    every branch (the branch may change at runtime), so that no frame ever waits for an eviction.
+    Shapes are captured only when met or prepared: the bound costs nothing until used."""
+    return max(DEFAULT_CAPACITY, len(batch_sizes(config)) * len(CHANNEL_ORDERS) * len(BRANCHES))
+
+
 def warm_up(engine: SegmentationEngine, config: NodeConfig) -> None:
-    """Prepare the engine for warmup_height x warmup_width (when given), so the first frame is as
-    fast as the rest: at configure, and again at an activate after a deactivate released it."""
+    """Prepare the engine for warmup_height x warmup_width (when given), every batch size the cameras
+    can produce and both channel orders, so the first frame of each is as fast as the rest: at
+    configure, and again at an activate after a deactivate released it."""
     if config.warmup_height and config.warmup_width:
         outputs = [name for name in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[name])]
-        for channel_order in ("rgb", "bgr"):  # the camera's encoding decides which one its frames use
-            engine.prepare(config.warmup_height, config.warmup_width, channel_order=channel_order, outputs=outputs)
+        for batch in batch_sizes(config):
+            for channel_order in CHANNEL_ORDERS:  # the camera's encoding decides which one its frames use
+                engine.prepare(config.warmup_height, config.warmup_width, batch=batch, channel_order=channel_order,
+                               outputs=outputs)
 
 
 class SegmentationSession:
@@ -80,7 +101,10 @@ class SegmentationSession:
         self.log = log
         self.health = HealthMonitor(topics, clock_ns())
         self.camera_infos = CameraInfoCache(len(topics))
-        self.processor = FrameProcessor(engine, config, self._deliver, self.health, clock_ns, log, demand)
+        # the processor delivers through a weak method: session <-> processor would be a reference cycle,
+        # keeping the engine (and its device memory) alive after cleanup until a later garbage collection
+        self.processor = FrameProcessor(engine, config, weak_method(self._deliver), self.health, clock_ns, log,
+                                        demand)
         self.publisher = OutputPublisher(message_types, publish, self.health, clock_ns, ModelInfo.of(engine, checkpoint),
                                          config, reuse_messages, self.camera_infos, demand)
         self._cameras = len(topics)

@@ -4,6 +4,7 @@ Outputs live beside the camera they describe, so several cameras never collide a
 the outputs lines up with the input:
 
     image             ->  segmentation/{labels,color,overlay,camera_info,timing,label_info}
+                          segmentation/{color,overlay}/compressed  (JPEG, as image_transport names them)
     front/image_raw   ->  front/segmentation/...
     /cam/image_raw    ->  /cam/segmentation/...
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import posixpath
 
-OUTPUT_NAMES = ("labels", "color", "overlay", "camera_info", "timing", "label_info")
 COMPRESSED_SUFFIX = "/compressed"
+VISUAL_OUTPUTS = ("color", "overlay")  # images for people: also published compressed, and at visual_scale
+OUTPUT_NAMES = ("labels", "color", "color" + COMPRESSED_SUFFIX, "overlay", "overlay" + COMPRESSED_SUFFIX,
+                "camera_info", "timing", "label_info")
 TRANSPORTS = ("raw", "compressed")
 
 
@@ -43,6 +46,11 @@ def output_topics(input_topic: str | None) -> dict[str, str]:
     """{output name: topic} for one camera (see the module docstring)."""
     namespace = output_namespace(input_topic)
     return {name: posixpath.join(namespace, name) for name in OUTPUT_NAMES}
+
+
+def compressed_output(output: str) -> str:
+    """The name of an output's CompressedImage form: color -> color/compressed (image_transport's topic)."""
+    return output + COMPRESSED_SUFFIX
 
 
 def camera_info_topic(input_topic: str) -> str:

@@ -13,6 +13,19 @@ DATASETS = ("cityscapes", "camvid", "cocostuff", "cityscapes_val9")
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """Another data set mixed into every training batch (TrainConfig.mix)."""
+
+    dataset: Literal["cityscapes", "camvid", "cocostuff", "cityscapes_val9"]
+    data_root: str
+    split: str = "train"
+    per_batch: int = 1  # samples of this source in every global batch
+    # a label map from the model's class map to this data's (config/label_maps/): its labels are
+    # then sets of the model's classes (training/targets.py); empty: labels are the model's classes
+    label_sets: str = ""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # data
     dataset: Literal["cityscapes", "camvid", "cocostuff", "cityscapes_val9"] = "cityscapes"
@@ -20,6 +33,11 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     class_map: str = "cityscapes"
+    # the training data's labels as sets of class_map's classes: a label map from class_map to the
+    # data's class map, e.g. cityscapes_to_camvid for CamVid labels under a Cityscapes model
+    label_sets: str = ""
+    # other data sets in every batch; the main data set fills the rest of batch_size
+    mix: tuple[DataSource, ...] = ()
     # (height, width) frames are resized to first (0 on one side keeps the aspect ratio); recorded in
     # the model as its input size, so the engine and evaluation resize frames the same way
     image_size: Optional[tuple[int, int]] = None
@@ -33,6 +51,9 @@ class TrainConfig:
     # model
     keep_rate: float = 0.5
     init_from: str = ""  # a checkpoint to start from (fine-tuning, compression)
+    # init_from predicts another class map: a label map from class_map to it; each class starts
+    # from the classifier of the class it maps to (so sets start at the old model's probabilities)
+    init_classes_from: str = ""
     # optimization (paper: SGD, lr 0.01, poly 0.9, momentum 0.9, wd 1e-4, batch 16)
     iterations: int = 30000
     batch_size: int = 16  # global batch, split over torchrun processes

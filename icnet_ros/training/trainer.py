@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,19 @@ from tqdm import tqdm
 
 from icnet_ros import __version__
 from icnet_ros.atomic import atomic_path, atomic_write_text
-from icnet_ros.classmap import ClassMap, load_class_map
+from icnet_ros.classmap import ClassMap, load_class_map, load_label_map
 from icnet_ros.config import config_to_dict
 from icnet_ros.data.datasets import build_dataset
 from icnet_ros.data.transforms import augment_sample
 from icnet_ros.evaluation.evaluate import evaluate
-from icnet_ros.model.checkpoint import load_model, save_model
+from icnet_ros.model.checkpoint import checkpoint_provenance, load_model, save_model
 from icnet_ros.model.icnet import ICNet, ModelConfig
 from icnet_ros.model.loss import CascadeLoss
 from icnet_ros.model.preprocess import prepare_input
 from icnet_ros.model.prune import progressive_schedule, prune_model
 from icnet_ros.training.class_weights import resolve_class_weights
 from icnet_ros.training.config import TrainConfig
+from icnet_ros.training.targets import TargetVocabulary, build_vocabulary
 
 log = logging.getLogger("icnet_ros.train")
 STATE_FILE = "last.pt"
@@ -64,29 +66,46 @@ def pick_device(config: TrainConfig, local_rank: int) -> torch.device:
 class IterationBatches:
     """Batch sampler yielding, for each iteration, this process's share of the global batch.
 
-    Items are keys (dataset index, iteration, position) so that augmentation can be seeded by them.
-    Epochs are shuffled with a permutation seeded by (seed, epoch).
+    A batch holds per_batch[s] samples of each source s (the main data set is source 0), at fixed
+    positions, so the mix is the same in every batch. Items are keys (source, dataset index,
+    iteration, position) so that augmentation can be seeded by them. Each source's epochs are
+    shuffled with a permutation seeded by (seed, [source,] epoch).
     """
 
-    def __init__(self, dataset_size: int, global_batch: int, iterations: int, seed: int, start: int = 0,
-                 rank: int = 0, world: int = 1):
-        if global_batch % world:
-            raise ValueError(f"batch_size {global_batch} must be divisible by the {world} processes")
-        self.size, self.batch, self.iterations = dataset_size, global_batch, iterations
-        self.seed, self.start, self.rank, self.world = seed, start, rank, world
-        self._permutations: dict[int, np.ndarray] = {}
+    def __init__(self, dataset_sizes: int | Sequence[int], per_batch: int | Sequence[int], iterations: int,
+                 seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.sizes = (dataset_sizes,) if isinstance(dataset_sizes, int) else tuple(dataset_sizes)
+        self.per_batch = (per_batch,) if isinstance(per_batch, int) else tuple(per_batch)
+        if len(self.sizes) != len(self.per_batch) or min(self.per_batch) < 1:
+            raise ValueError(f"every source needs at least one sample per batch; got {list(self.per_batch)} for "
+                             f"{len(self.sizes)} sources")
+        self.batch = sum(self.per_batch)
+        if self.batch % world:
+            raise ValueError(f"batch_size {self.batch} must be divisible by the {world} processes")
+        self.iterations, self.seed, self.start, self.rank, self.world = iterations, seed, start, rank, world
+        # global batch position -> (source, its slot among that source's samples)
+        self.slots = [(s, j) for s, count in enumerate(self.per_batch) for j in range(count)]
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        if epoch not in self._permutations:
-            self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.size)}
-        return int(self._permutations[epoch][offset])
+    def _index(self, source: int, position: int) -> int:
+        epoch, offset = divmod(position, self.sizes[source])
+        if (source, epoch) not in self._permutations:
+            # source 0 keeps the single-source seeding, so earlier runs resume onto the same batches
+            key = [self.seed, epoch] if source == 0 else [self.seed, source, epoch]
+            permutation = np.random.default_rng(key).permutation(self.sizes[source])
+            self._permutations = {k: v for k, v in self._permutations.items() if k[0] != source}
+            self._permutations[(source, epoch)] = permutation
+        return int(self._permutations[(source, epoch)][offset])
 
     def __iter__(self):
         per_rank = self.batch // self.world
         for iteration in range(self.start, self.iterations):
-            first = iteration * self.batch + self.rank * per_rank
-            yield [(self._index(first + j), iteration, self.rank * per_rank + j) for j in range(per_rank)]
+            batch = []
+            for position in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+                source, slot = self.slots[position]
+                stream = iteration * self.per_batch[source] + slot
+                batch.append((source, self._index(source, stream), iteration, position))
+            yield batch
 
     def __len__(self):
         return self.iterations - self.start
@@ -96,20 +115,21 @@ class AugmentedDataset(Dataset):
     """Applies the paper's augmentation with a generator seeded by the sample's key.
 
     Samples stay uint8 (H, W, 3) RGB; the training step normalizes whole batches on the device with
-    the model's own preprocessing, the same function the engine and evaluation use.
+    the model's own preprocessing, the same function the engine and evaluation use. Labels are
+    target ids (training/targets.py), the same for every source.
     """
 
-    def __init__(self, base, config: TrainConfig, model_config: ModelConfig, ignore_index: int):
-        self.base, self.config, self.ignore_index = base, config, ignore_index
+    def __init__(self, sources, config: TrainConfig, model_config: ModelConfig, ignore_index: int):
+        self.sources, self.config, self.ignore_index = list(sources), config, ignore_index
         self.pad_value = np.asarray(model_config.input_mean, dtype=np.float32)  # padding normalizes to ~0
 
     def __len__(self):
-        return len(self.base)
+        return sum(len(source) for source in self.sources)
 
     def __getitem__(self, key):
-        index, iteration, position = key
+        source, index, iteration, position = key
         rng = np.random.default_rng([self.config.seed, iteration, position])
-        sample = self.base[index]
+        sample = self.sources[source][index]
         image, label = augment_sample(
             sample["image"], sample["label"], rng, crop_size=self.config.crop_size,
             scale_range=self.config.scale_range, mirror=self.config.mirror,
@@ -119,11 +139,21 @@ class AugmentedDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(label.astype(np.int64))
 
 
-def make_loader(dataset, config: TrainConfig, model_config, class_map, start, rank, world, pin):
-    sampler = IterationBatches(len(dataset), config.batch_size, config.iterations, config.seed, start, rank, world)
-    augmented = AugmentedDataset(dataset, config, model_config, class_map.ignore_index)
+def make_loader(sources, config: TrainConfig, model_config, ignore_index, start, rank, world, pin):
+    sampler = IterationBatches([len(s) for s in sources], batch_shares(config), config.iterations, config.seed,
+                               start, rank, world)
+    augmented = AugmentedDataset(sources, config, model_config, ignore_index)
     return DataLoader(augmented, batch_sampler=sampler, num_workers=config.workers, pin_memory=pin,
                       persistent_workers=False)
+
+
+def batch_shares(config: TrainConfig) -> list[int]:
+    """Samples per global batch of the main data set, then of each mix source."""
+    mixed = sum(source.per_batch for source in config.mix)
+    if mixed >= config.batch_size:
+        raise ValueError(f"the mix sources take {mixed} of batch_size {config.batch_size} samples per batch; "
+                         "the main data set needs at least one: raise batch_size or lower per_batch")
+    return [config.batch_size - mixed] + [source.per_batch for source in config.mix]
 
 
 # --- learning rate, loss check and state -----------------------------------------------------------
@@ -160,15 +190,19 @@ def load_state(path: Path, map_location) -> dict:
 class Stage:
     """Trains one model for config.iterations iterations in `out_dir` (resumable)."""
 
-    def __init__(self, model: ICNet, config: TrainConfig, out_dir: Path, datasets, class_map: ClassMap,
-                 device: torch.device, rank: int, world: int, class_weights: tuple[float, ...] | None = None):
+    def __init__(self, model: ICNet, config: TrainConfig, out_dir: Path, data: TrainingData,
+                 device: torch.device, rank: int, world: int, class_weights: tuple[float, ...] | None = None,
+                 lineage: dict | None = None):
+        """lineage: the provenance of the checkpoint training started from (init_from), kept in ours."""
         self.model, self.config, self.out_dir = model.to(device), config, out_dir
-        self.train_set, self.val_set = datasets
-        self.class_map, self.device, self.rank, self.world = class_map, device, rank, world
+        self.data, self.lineage = data, lineage
+        self.device, self.rank, self.world = device, rank, world
         self.use_amp = config.amp and device.type == "cuda"
         self.class_weights = class_weights
+        vocabulary = data.vocabulary
         self.criterion = CascadeLoss(dict(zip(("sub4", "sub24", "sub124"), config.loss_weights)),
-                                     class_map.ignore_index, class_weights).to(device)
+                                     vocabulary.ignore_index, class_weights,
+                                     vocabulary.membership() if vocabulary.has_sets else None).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.base_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -194,7 +228,8 @@ class Stage:
     def run(self) -> dict:
         config = self.config
         network = self._wrapped()
-        loader = make_loader(self.train_set, config, self.model.config, self.class_map, self.iteration,
+        loader = make_loader(self.data.sources, config, self.model.config, self.data.vocabulary.ignore_index,
+                             self.iteration,
                              self.rank, self.world, pin=self.device.type == "cuda")
         writer = self._tensorboard()
         bar = tqdm(total=config.iterations, initial=self.iteration, disable=not self.is_main,
@@ -208,7 +243,7 @@ class Stage:
             done = self.iteration == config.iterations
             if done or self.iteration % config.checkpoint_every == 0:
                 self._checkpoint()
-            if self.val_set is not None and config.val_every and (done or self.iteration % config.val_every == 0):
+            if self.data.val is not None and config.val_every and (done or self.iteration % config.val_every == 0):
                 metrics = self.validate(writer)
         bar.close()
         if writer is not None:
@@ -245,7 +280,9 @@ class Stage:
         return lr
 
     def validate(self, writer=None) -> dict:
-        metrics = evaluate(self.model, self.val_set, self.class_map, self.device, progress=False)
+        data = self.data
+        metrics = evaluate(self.model, data.val, data.val_classes, self.device, progress=False,
+                           prediction_lut=data.val_prediction_lut)
         if self.is_main:
             summary = {b: round(m["miou"] or 0.0, 4) for b, m in metrics.items()}
             tqdm.write(f"iteration {self.iteration}: val mIoU {summary}")
@@ -281,7 +318,8 @@ class Stage:
         provenance = {"icnet_ros_version": __version__, "torch_version": torch.__version__,
                       "iteration": self.iteration, "train_config": config_to_dict(self.config),
                       "world_size": self.world, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "class_weights": self.class_weights,
+                      "class_weights": self.class_weights, "targets": list(self.data.vocabulary.names),
+                      "data": self.data.describe(self.config), "init_from_provenance": self.lineage,
                       "val_miou": {b: m["miou"] for b, m in metrics.items()}}
         save_model(self.out_dir / MODEL_FILE, self.model.cpu(), provenance)
         self.model.to(self.device)
@@ -289,30 +327,96 @@ class Stage:
 
 
 # --- the whole run --------------------------------------------------------------------------------
-def build_datasets(config: TrainConfig, class_map: ClassMap):
-    train = build_dataset(config.dataset, config.data_root, config.train_split, class_map,
-                          skip_bad=config.skip_bad)
-    train.require_labels("training")
-    val = None
+@dataclass
+class TrainingData:
+    """The training sources (labels as target ids) and the validation set, in one place."""
+
+    sources: list  # the main data set, then each mix source
+    vocabulary: TargetVocabulary
+    val: object | None  # labels in val_classes
+    val_classes: ClassMap
+    val_prediction_lut: np.ndarray | None  # model class -> val class, when they differ
+
+    def describe(self, config: TrainConfig) -> list[dict]:
+        """Each source as the provenance records it."""
+        specs = [(config.dataset, config.train_split, config.label_sets)]
+        specs += [(m.dataset, m.split, m.label_sets) for m in config.mix]
+        return [{"dataset": dataset, "split": split, "label_sets": label_sets or None, "images": len(source),
+                 "per_batch": share}
+                for (dataset, split, label_sets), source, share in zip(specs, self.sources, batch_shares(config))]
+
+
+def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingData:
+    """Every source's labels as target ids of one vocabulary (sets where label_sets says so)."""
+    vocabulary, luts = build_vocabulary(class_map, [n for n in [config.label_sets, *(m.label_sets for m in config.mix)]
+                                                    if n])
+
+    def source(dataset, root, split, label_sets):
+        if not label_sets:
+            return build_dataset(dataset, root, split, class_map, skip_bad=config.skip_bad)
+        return build_dataset(dataset, root, split, load_label_map(label_sets).target, skip_bad=config.skip_bad,
+                             relabel=luts[label_sets])
+
+    sources = [source(config.dataset, config.data_root, config.train_split, config.label_sets)]
+    sources += [source(m.dataset, m.data_root, m.split, m.label_sets) for m in config.mix]
+    for dataset in sources:
+        dataset.require_labels("training")
+    val, val_classes, prediction_lut = None, class_map, None
+    if config.label_sets:
+        # validation scores the model in the data's own classes, its predictions mapped to them
+        label_map = load_label_map(config.label_sets)
+        val_classes, prediction_lut = label_map.target, label_map.lut[:class_map.num_classes]
     if config.val_split:
-        val = build_dataset(config.dataset, config.data_root, config.val_split, class_map,
-                            skip_bad=config.skip_bad)
+        val = build_dataset(config.dataset, config.data_root, config.val_split, val_classes, skip_bad=config.skip_bad)
         val.require_labels("validation")
-    return train, val
+    return TrainingData(sources, vocabulary, val, val_classes, prediction_lut)
 
 
 def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
     """A fresh ICNet, or the init_from checkpoint at its own width (training_stages prunes it)."""
-    if config.init_from:
+    if config.init_from and config.init_classes_from:
+        model = model_with_classes_from(config.init_from, config.init_classes_from, class_map)
+    elif config.init_from:
         model = load_model(config.init_from, expected_num_classes=class_map.num_classes)
-        if model.config.keep_rate < config.keep_rate:
-            raise ValueError(f"init_from {config.init_from} has keep rate {model.config.keep_rate}, narrower "
-                             f"than keep_rate {config.keep_rate}; pruning only removes filters")
-        if config.image_size is not None:
-            model.config = replace(model.config, input_size=config.image_size)
-        return model.train()
-    return ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
-                             class_map=class_map.name, input_size=config.image_size))
+    else:
+        return ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
+                                 class_map=class_map.name, input_size=config.image_size))
+    if model.config.keep_rate < config.keep_rate:
+        raise ValueError(f"init_from {config.init_from} has keep rate {model.config.keep_rate}, narrower "
+                         f"than keep_rate {config.keep_rate}; pruning only removes filters")
+    if config.image_size is not None:
+        model.config = replace(model.config, input_size=config.image_size)
+    return model.train()
+
+
+def model_with_classes_from(path: str, label_map_name: str, class_map: ClassMap) -> ICNet:
+    """The checkpoint at `path`, re-headed for `class_map`'s classes through a label map.
+
+    Every class's classifier rows start as those of the class it maps to, and its bias is lowered
+    by log(size of that class's set): the summed probability of a set then equals the old model's
+    probability of its class, so training starts from the old model's answers, not from noise.
+    """
+    label_map = load_label_map(label_map_name)
+    if label_map.source.name != class_map.name:
+        raise ValueError(f"init_classes_from {label_map_name!r} maps {label_map.source.name!r} classes; the model "
+                         f"predicts {class_map.name!r}")
+    old = load_model(path, expected_class_map=label_map.target.name)
+    old_class = label_map.lut[:class_map.num_classes]
+    if (old_class == label_map.target.ignore_index).any():
+        raise ValueError(f"init_classes_from {label_map_name!r} maps some {class_map.name!r} classes to nothing; "
+                         "each class needs a class to start from")
+    model = ICNet(replace(old.config, num_classes=class_map.num_classes, class_map=class_map.name))
+    set_size = torch.from_numpy(np.bincount(old_class, minlength=label_map.target.num_classes)[old_class]).float()
+    state = old.state_dict()
+    index = torch.from_numpy(old_class)
+    for name, tensor in model.state_dict().items():
+        if tuple(state[name].shape) == tuple(tensor.shape):
+            continue
+        # a classifier (weight: classes x in x 1 x 1, bias: classes): one row per new class
+        rows = state[name][index]
+        state[name] = rows - torch.log(set_size) if name.endswith("bias") else rows
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def training_stages(config: TrainConfig, start_keep_rate: float) -> list[tuple[Path, float]]:
@@ -353,9 +457,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     class_map = load_class_map(config.class_map)
-    datasets = build_datasets(config, class_map)
-    class_weights = resolve_class_weights(config.class_weights, config.class_weight_power, datasets[0], class_map)
+    data = build_training_data(config, class_map)
+    class_weights = resolve_class_weights(config.class_weights, config.class_weight_power, data.sources,
+                                          data.vocabulary)
     model = initial_model(config, class_map)
+    lineage = checkpoint_provenance(config.init_from) if config.init_from else None
     stages = training_stages(config, model.config.keep_rate)
     for stage_dir, rate in stages:
         if resume and (stage_dir / MODEL_FILE).is_file() and not (stage_dir / STATE_FILE).is_file():
@@ -366,7 +472,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if rank == 0:
             atomic_write_text(stage_dir / "config.json", json.dumps(config_to_dict(replace(config, keep_rate=rate)),
                                                                     indent=2))
-        stage = Stage(model, config, stage_dir, datasets, class_map, device, rank, world, class_weights)
+        stage = Stage(model, config, stage_dir, data, device, rank, world, class_weights, lineage)
         if resume:
             stage.resume()
         stage.run()
