@@ -108,6 +108,16 @@ class LabelMap:
     target: ClassMap
     lut: np.ndarray  # source class id (and the source's ignore index) -> target class id or ignore
 
+    def prediction_lut(self, purpose: str) -> np.ndarray:
+        """source class id -> target class id for a model's predictions, every class mapped (a
+        prediction mapped to the ignore index could be neither scored nor learnt from)."""
+        lut = self.lut[:self.source.num_classes]
+        unmapped = [name for name, target in zip(self.source.names, lut) if target == self.target.ignore_index]
+        if unmapped:
+            raise ClassMapError(f"label map {self.name} maps {unmapped} to nothing; {purpose} needs a "
+                                f"{self.target.name!r} class for every {self.source.name!r} class")
+        return lut
+
 
 def available_label_maps() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "label_maps").glob("*.yaml"))

@@ -184,3 +184,23 @@ def test_predictions_mapped_to_the_labels_classes_are_scored_there():
     matrix = ConfusionMatrix(19)
     matrix.update(torch.from_numpy(label.astype(np.int64)), torch.full(label.shape, CITYSCAPES.index("wall")))
     assert matrix.report(CITYSCAPES.names)["miou"] == 0.0  # unmapped, the same answer scores nothing
+
+
+def test_a_label_map_leaving_a_class_unmapped_cannot_score_or_start_predictions():
+    from icnet_ros.classmap import ClassMapError, LabelMap
+
+    label_map = load_label_map("cityscapes_to_camvid")
+    lut = label_map.lut.copy()
+    lut[CITYSCAPES.index("terrain")] = CAMVID.ignore_index  # "terrain: null"
+    with_null = LabelMap("with_null", label_map.source, label_map.target, lut)
+    with pytest.raises(ClassMapError, match=r"maps \['terrain'\] to nothing; validation needs"):
+        with_null.prediction_lut("validation")
+    assert np.array_equal(label_map.prediction_lut("validation"), label_map.lut[:19])
+
+
+def test_init_classes_from_without_a_checkpoint_is_refused():
+    from icnet_ros.training.trainer import initial_model
+
+    config = load_config(TrainConfig, REPO / "config/train/cityscapes_cpu.yaml", ["init_from="])
+    with pytest.raises(ValueError, match="init_from is empty"):
+        initial_model(config, CITYSCAPES)

@@ -102,13 +102,7 @@ def load_scored_dataset(args, class_map):
     relabel = label_map.lut if labels_in == source.name else None
     dataset = build_dataset(args.dataset, args.data_root, args.split, source if relabel is not None else target,
                             skip_bad=args.skip_bad, relabel=relabel)
-    predictions = None
-    if class_map.name == source.name:
-        predictions = label_map.lut[:source.num_classes]
-        if (predictions == target.ignore_index).any():
-            unmapped = [n for n, t in zip(source.names, predictions) if t == target.ignore_index]
-            raise ValueError(f"label map {args.label_map} maps {unmapped} to nothing; predictions of every class "
-                             f"need a {target.name!r} class to be scored")
+    predictions = label_map.prediction_lut("scoring predictions") if class_map.name == source.name else None
     return dataset, target, predictions
 
 

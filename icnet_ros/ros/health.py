@@ -27,6 +27,9 @@ from icnet_ros.ros.stamp_gaps import StampGaps
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 NS_PER_S = 1_000_000_000
+# The node's clock going back by more than this is a jump (a looping bag on --clock), not the few
+# milliseconds by which two threads' readings of one clock can arrive out of order.
+CLOCK_JUMP_BACK_NS = NS_PER_S
 # Gaps in the input stamps (frames lost before they reached the node) are counted by StampGaps,
 # which holds each camera's frame grid: see stamp_gaps.py for why intervals alone are not enough.
 
@@ -104,8 +107,23 @@ class HealthMonitor:
         self.cameras = [CameraStats(topic) for topic in topics]
         self.started_ns = started_ns
         self._lock = threading.Lock()
+        self._latest_ns = started_ns  # the latest node time seen, to notice the clock jumping back
 
     # --- events ---------------------------------------------------------------------------------
+    def _follow_clock(self, now_ns: int) -> None:
+        """Forget the windows when the node's clock jumps back (a bag looping on its own clock):
+        their times are then in the future and would never age out. Threads report times taken a
+        little apart, so only a jump of more than CLOCK_JUMP_BACK_NS counts."""
+        if now_ns < self._latest_ns - CLOCK_JUMP_BACK_NS:
+            for stats in self.cameras:
+                for events in (stats.segmented, stats.malformed_at, stats.failed_at, stats.missing_at,
+                               stats.mismatch_at):
+                    events.clear()
+                stats.first_received_ns = stats.last_received_ns = None
+                stats.gaps.restart()
+            self._latest_ns = now_ns
+        self._latest_ns = max(self._latest_ns, now_ns)
+
     def activated(self, now_ns: int) -> None:
         """A new activation: wait for a first frame again, and do not count the frames a camera sent
         while the node was inactive as missing. Counters go on from the previous activation."""
@@ -118,6 +136,7 @@ class HealthMonitor:
     def frame_received(self, camera: int, now_ns: int, replaced_unprocessed: bool,
                        stamp_ns: int | None = None) -> None:
         with self._lock:
+            self._follow_clock(now_ns)
             stats = self.cameras[camera]
             stats.received += 1
             stats.dropped += int(replaced_unprocessed)
@@ -144,6 +163,7 @@ class HealthMonitor:
     def clock_mismatch(self, camera: int, now_ns: int, offset_s: float) -> None:
         """A frame's stamp is `offset_s` behind the node's clock, more than any latency could be."""
         with self._lock:
+            self._follow_clock(now_ns)
             stats = self.cameras[camera]
             stats.clock_mismatches += 1
             stats.mismatch_at.append(now_ns)
@@ -151,6 +171,7 @@ class HealthMonitor:
 
     def frame_malformed(self, camera: int, now_ns: int, problem: str) -> None:
         with self._lock:
+            self._follow_clock(now_ns)
             stats = self.cameras[camera]
             stats.malformed += 1
             stats.malformed_at.append(now_ns)
@@ -158,6 +179,7 @@ class HealthMonitor:
 
     def frames_failed(self, cameras: list[int], now_ns: int, problem: str) -> None:
         with self._lock:
+            self._follow_clock(now_ns)
             for camera in cameras:
                 stats = self.cameras[camera]
                 stats.failed += 1
@@ -169,6 +191,7 @@ class HealthMonitor:
         """A frame's outputs went out; latency None when its stamp cannot be compared (clock mismatch).
         computed False: nobody subscribed to any image, so nothing was computed (timing only)."""
         with self._lock:
+            self._follow_clock(now_ns)
             stats = self.cameras[camera]
             stats.processed += 1
             stats.idle += int(not computed)
@@ -183,6 +206,7 @@ class HealthMonitor:
     # --- verdicts -------------------------------------------------------------------------------
     def camera_report(self, camera: int, now_ns: int, thresholds: Thresholds) -> DiagnosticReport:
         with self._lock:
+            self._follow_clock(now_ns)
             stats = self.cameras[camera]
             window_ns = int(thresholds.diagnostics_window_s * NS_PER_S)
             self._forget_before(stats, now_ns - window_ns)

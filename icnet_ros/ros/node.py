@@ -124,7 +124,8 @@ class SegmentationNode(LifecycleNode):
             self._diagnostics.add(self._camera_task(topic), partial(self._diagnose_camera, index))
         self.get_logger().info(f"configured: {checkpoint.path} ({engine.class_map.name}, keep "
                                f"{engine.config.keep_rate:g}, {self.config.branch}) on {engine.device} in "
-                               f"{engine.precision}, network input {engine.input_size or 'the frame size'}")
+                               f"{engine.precision}, network input "
+                               f"{'the frame size' if engine.input_size in (None, (0, 0)) else engine.input_size}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:

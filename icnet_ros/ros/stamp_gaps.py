@@ -48,6 +48,9 @@ MAX_SEARCH_PERIODS = 2048
 GAP_INTERVAL = 1.35
 # A frame up to this many periods late still takes back the frame counted missing before it.
 TAKE_BACK_SLOTS = 3
+# A jump of more than this many periods is the camera's clock stepping, not frames lost: a stream
+# this broken is better measured afresh than counted as thousands of missing frames.
+CLOCK_STEP_SLOTS = 10 * STAMPS_KEPT
 GRID_FIT_ROUNDS = 3  # slots -> line -> slots ...: settles in two rounds on jittery stamps
 # Beyond this misfit (see REGULAR_ENOUGH) the grid no longer describes the camera (its rate
 # changed, or its clock jumped): it is learned afresh.
@@ -102,11 +105,14 @@ class StampGaps:
 
     def _learn(self) -> int:
         """Fit the grid once the stamps tell it; the frames missing among them."""
-        count, full = len(self._stamps), len(self._stamps) == STAMPS_KEPT
-        if count <= MIN_STAMP_INTERVALS or ((count - 1) % MIN_STAMP_INTERVALS and not full):
-            return 0  # the search is tried every MIN_STAMP_INTERVALS stamps, not on every frame
+        count = len(self._stamps)
+        if count <= MIN_STAMP_INTERVALS:
+            return 0
         origin = self._stamps[0]
         offsets = (np.asarray(self._stamps, dtype=np.int64) - origin).astype(np.float64)
+        full = count == STAMPS_KEPT or _spans_a_window(offsets)
+        if (count - 1) % MIN_STAMP_INTERVALS and not full:
+            return 0  # the search is tried every MIN_STAMP_INTERVALS stamps, not on every frame
         fit = _best_fit(offsets, full)
         if fit is None:
             return 0
@@ -121,6 +127,9 @@ class StampGaps:
         """Place the stamp on the grid and refit it; the slots skipped (-1: a slot taken twice)."""
         grid, last = self._grid, self._slots[-1]
         steps = max(0, round((float(stamp_ns - grid.origin_ns) - grid.slot_time(last)) / grid.period))
+        if steps > CLOCK_STEP_SLOTS:  # the camera's clock stepped (boot time to PTP, another recording)
+            self._relearn()
+            return 0
         self._slots.append(last + steps)
         missing = self._missing(last + steps, steps, float(stamp_ns - self._stamps[-2]))
         slots = np.asarray(self._slots, dtype=np.float64)
@@ -146,7 +155,9 @@ class StampGaps:
             self._recent_gaps.pop()
             return -1
         missing = steps - 1 if interval >= GAP_INTERVAL * self._grid.period else 0
-        self._recent_gaps.extend([slot - 1] * missing)
+        # only the last few can be taken back: a clock that steps days ahead must not cost a list
+        # entry per frame it skipped
+        self._recent_gaps.extend([slot - 1] * min(missing, TAKE_BACK_SLOTS))
         return missing
 
     def _relearn(self) -> None:
@@ -154,6 +165,13 @@ class StampGaps:
         newest = self._stamps[-1]
         self.restart()
         self._stamps.append(newest)
+
+
+def _spans_a_window(offsets: np.ndarray) -> bool:
+    """True when the stamps span as many periods as a full window holds: under heavy loss (DDS
+    dropping most multi-megabyte frames) the window may never fill, and a verdict must not wait
+    for stamps that will not come; after a window's time the best grid found is taken."""
+    return offsets[-1] >= (STAMPS_KEPT - 1) * min(first_guesses(np.diff(offsets)))
 
 
 def acceptable_misfit(stamps: int) -> float:

@@ -365,7 +365,7 @@ def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingDat
     if config.label_sets:
         # validation scores the model in the data's own classes, its predictions mapped to them
         label_map = load_label_map(config.label_sets)
-        val_classes, prediction_lut = label_map.target, label_map.lut[:class_map.num_classes]
+        val_classes, prediction_lut = label_map.target, label_map.prediction_lut("validation")
     if config.val_split:
         val = build_dataset(config.dataset, config.data_root, config.val_split, val_classes, skip_bad=config.skip_bad)
         val.require_labels("validation")
@@ -374,6 +374,9 @@ def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingDat
 
 def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
     """A fresh ICNet, or the init_from checkpoint at its own width (training_stages prunes it)."""
+    if config.init_classes_from and not config.init_from:
+        raise ValueError(f"init_classes_from {config.init_classes_from!r} re-heads the init_from checkpoint, but "
+                         "init_from is empty; give the checkpoint to start from")
     if config.init_from and config.init_classes_from:
         model = model_with_classes_from(config.init_from, config.init_classes_from, class_map)
     elif config.init_from:
@@ -401,22 +404,24 @@ def model_with_classes_from(path: str, label_map_name: str, class_map: ClassMap)
         raise ValueError(f"init_classes_from {label_map_name!r} maps {label_map.source.name!r} classes; the model "
                          f"predicts {class_map.name!r}")
     old = load_model(path, expected_class_map=label_map.target.name)
-    old_class = label_map.lut[:class_map.num_classes]
-    if (old_class == label_map.target.ignore_index).any():
-        raise ValueError(f"init_classes_from {label_map_name!r} maps some {class_map.name!r} classes to nothing; "
-                         "each class needs a class to start from")
+    old_class = label_map.prediction_lut("init_classes_from")
     model = ICNet(replace(old.config, num_classes=class_map.num_classes, class_map=class_map.name))
     set_size = torch.from_numpy(np.bincount(old_class, minlength=label_map.target.num_classes)[old_class]).float()
     state = old.state_dict()
     index = torch.from_numpy(old_class)
-    for name, tensor in model.state_dict().items():
-        if tuple(state[name].shape) == tuple(tensor.shape):
+    for name in model.state_dict():
+        if not _is_classifier(name):
             continue
         # a classifier (weight: classes x in x 1 x 1, bias: classes): one row per new class
         rows = state[name][index]
         state[name] = rows - torch.log(set_size) if name.endswith("bias") else rows
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _is_classifier(parameter: str) -> bool:
+    """The 1x1 convolutions with one output per class: the sub124 classifier and the two aux heads."""
+    return parameter.split(".")[0] == "classifier" or ".aux_classifier." in parameter
 
 
 def training_stages(config: TrainConfig, start_keep_rate: float) -> list[tuple[Path, float]]:
