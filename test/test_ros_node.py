@@ -355,6 +355,20 @@ def test_the_node_shuts_down_cleanly_on_a_signal(signum):
     assert "Traceback" not in rest and "Error" not in rest
 
 
+def test_ctrl_c_under_launch_reaching_the_node_twice_still_shuts_it_down_cleanly():
+    """Ctrl-C on `ros2 launch` signals the terminal's process group, then launch forwards SIGINT:
+    the second one came during shutdown and killed the node (exit -2) after Python restored the
+    default handler."""
+    process, output = _run_node("-r", f"image:={TOPIC}", wait_for="segmenting")
+    os.kill(process.pid, signal.SIGINT)
+    for _ in range(5):  # again and again while it shuts down
+        time.sleep(0.05)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGINT)
+    rest = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output + rest
+
+
 # --- `ros2 launch` as a user runs it ---------------------------------------------------------------
 
 def _ros2_launch(*arguments):
@@ -403,7 +417,11 @@ def test_demo_follows_the_bags_clock_so_latency_is_measured():
         output += launch.communicate(timeout=60)[0]
     assert sim_time == "Boolean value is: True", sim_time
     latency = [line.split(":", 1)[1].strip() for line in timing.splitlines() if line.startswith("latency_ms:")]
-    assert latency and latency[0] != ".nan" and float(latency[0]) >= 0, timing
+    # the node's sim time advances in /clock ticks (BAG_CLOCK_HZ), so a frame stamped just after a
+    # tick is "received" up to one tick before its stamp: latency is measured, within a tick
+    from icnet_ros.ros.launch_plan import BAG_CLOCK_HZ
+
+    assert latency and latency[0] != ".nan" and float(latency[0]) > -1000.0 / BAG_CLOCK_HZ, timing
 
 
 @pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")

@@ -349,8 +349,16 @@ def main(args: list[str] | None = None) -> int:
     """
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
+
+    def request_stop(*_) -> None:
+        # Ctrl-C under ros2 launch reaches the node twice (the terminal's process group, then launch
+        # forwarding it); a second SIGINT during shutdown, once Python has restored the default
+        # handler, would kill the node mid-cleanup. SIGTERM stays, to escalate a stuck shutdown.
+        stop.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, request_stop)
     node = None
     try:
         node = SegmentationNode()
