@@ -383,14 +383,21 @@ def _our_processes():
     return [pid for pid in found if int(pid) != os.getpid()]
 
 
+def _read_until(launch, text: str, timeout_s: float = 240) -> str:
+    """The launch's output up to the line holding `text`; fails if it ends or takes longer first."""
+    output, deadline = "", time.monotonic() + timeout_s
+    while text not in output:
+        assert time.monotonic() < deadline and launch.poll() is None, output
+        output += launch.stdout.readline()
+    return output
+
+
 @pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
 def test_demo_runs_headless_where_rviz_is_not_installed(tmp_path):
     launch = _ros2_launch("demo:=true", "device:=cpu", "rviz:=false")
-    output, deadline = "", time.monotonic() + 240
+    output = ""
     try:
-        while "segmenting /camera/image_raw" not in output:
-            assert time.monotonic() < deadline and launch.poll() is None, output
-            output += launch.stdout.readline()
+        output = _read_until(launch, "segmenting /camera/image_raw")
     finally:
         os.killpg(launch.pid, signal.SIGINT)
         output += launch.communicate(timeout=60)[0]
@@ -403,11 +410,9 @@ def test_demo_follows_the_bags_clock_so_latency_is_measured():
     """The first soak of demo:=true ran the node on wall time against the recording's stamps:
     latency NaN and a clock-mismatch warning. A bag the launch plays now sets the time."""
     launch = _ros2_launch("demo:=true", "device:=cpu", "rviz:=false")
-    output, deadline = "", time.monotonic() + 240
+    output = ""
     try:
-        while "segmenting /camera/image_raw" not in output:
-            assert time.monotonic() < deadline and launch.poll() is None, output
-            output += launch.stdout.readline()
+        output = _read_until(launch, "segmenting /camera/image_raw")
         sim_time = subprocess.run(["ros2", "param", "get", "--no-daemon", "/camera/icnet_segmentation", "use_sim_time"],
                                   capture_output=True, text=True, timeout=60, check=False).stdout.strip()
         timing = subprocess.run(["ros2", "topic", "echo", "--once", "/camera/segmentation/timing"],
