@@ -209,3 +209,29 @@ def side_by_side(image: np.ndarray, shown: np.ndarray, labels: np.ndarray, class
     panels = np.concatenate([image, shown], axis=1)
     legend = draw_legend(class_map, present_classes(labels, class_map.num_classes, min_share), panels.shape[1])
     return np.concatenate([panels, legend], axis=0)
+
+
+# --- spatial sparsity ------------------------------------------------------------------------------
+REGION_DIM = 0.45  # brightness kept outside the computed regions in pictures of them
+
+
+def region_mask(regions: np.ndarray, region_size: int, network_size, frame_size) -> np.ndarray:
+    """(rows, cols) bool regions computed -> (H, W) uint8 of the frame, 255 inside them, 0 elsewhere.
+
+    Regions are squares of `region_size` network-input pixels; the network ran at `network_size`
+    (height, width) and the mask is scaled to `frame_size` as the labels are.
+    """
+    net_h, net_w = network_size
+    mask = np.repeat(np.repeat(np.asarray(regions, bool), region_size, 0), region_size, 1)[:net_h, :net_w]
+    mask = mask.astype(np.uint8) * np.uint8(255)
+    if tuple(frame_size) != (net_h, net_w):
+        mask = cv2.resize(mask, (frame_size[1], frame_size[0]), interpolation=cv2.INTER_NEAREST)
+    return mask
+
+
+def draw_regions(image: np.ndarray, mask: np.ndarray, color=(255, 255, 0)) -> np.ndarray:
+    """`image` dimmed outside the mask's regions, each region outlined: where full resolution ran."""
+    shown = np.where(mask[..., None] > 0, image, (image * REGION_DIM).astype(np.uint8))
+    contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(2, image.shape[0] // 300)
+    return cv2.drawContours(np.ascontiguousarray(shown), contours, -1, color, thickness)

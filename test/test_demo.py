@@ -53,6 +53,17 @@ def test_the_bundled_camvid_model_is_the_documented_one():
     assert camvid_weights().stat().st_size < 5 * 2**20
 
 
+def test_the_bundled_sparse_camvid_model_is_the_camvid_model_with_a_gate():
+    config, state, provenance = read_checkpoint(bundled_weights(BUNDLED_BY_NAME["camvid_sparse"]))
+    assert (config.class_map, config.keep_rate, config.gate_region_size, config.input_size) == ("camvid", 0.25, 256,
+                                                                                              (720, 0))
+    train_config = provenance["train_config"]
+    assert provenance["iteration"] == train_config["iterations"] and train_config["gate_target_active"] == 0.25
+    assert train_config["init_from"] == "icnet_ros/assets/camvid_keep0.25.safetensors"
+    assert provenance["init_from_provenance"]["iteration"] == 3000  # the bundled CamVid model
+    assert "region_gate.score.weight" in state and provenance["stored_as"] == "float16"
+
+
 def test_the_bundled_cityscapes_model_is_the_documented_one():
     config, _state, provenance = read_checkpoint(cityscapes_weights())
     assert (config.class_map, config.keep_rate, config.num_classes, config.input_size) == ("cityscapes", 0.25, 19,

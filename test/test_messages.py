@@ -17,6 +17,8 @@ TIMING_FIELDS = {
     **{name: "string" for name in ("model", "class_map", "branch", "device", "precision")},
     "keep_rate": "float32",
     "outputs": "string[]",
+    "regions_computed": "uint32",
+    "regions_total": "uint32",
 }
 
 
@@ -75,7 +77,7 @@ def test_segmentation_timing_cdr_round_trip():
         "frames_processed": 2**40 + 1, "frames_dropped": 17, "frames_malformed": 2, "frames_missing": 3,
         "outputs": ["labels", "camera_info"],
         "model": "icnet_cityscapes.safetensors", "class_map": "cityscapes", "branch": "sub124",
-        "keep_rate": 0.5, "device": "cuda:0", "precision": "fp16",
+        "keep_rate": 0.5, "device": "cuda:0", "precision": "fp16", "regions_computed": 8, "regions_total": 32,
     }
     message = timing_class(header=header, **values)
     raw = store.serialize_cdr(message, "icnet_ros/msg/SegmentationTiming")

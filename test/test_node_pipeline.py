@@ -859,3 +859,26 @@ def test_frames_sent_while_the_node_was_inactive_are_not_counted_as_missing():
     assert report.level == WARN and "waiting for the first image" in report.message
     health.frame_received(0, clock(), False, STAMP_NS + 320 * 100_000_000)
     assert health.counts(0).missing == 0 and health.cameras[0].received == 21
+
+
+def test_sparse_regions_are_published_when_subscribed_and_counted_in_the_timing():
+    sparse_engine = SegmentationEngine(trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid"),
+                                       device="cpu", region_size=32)  # 64x96 frames: 2 x 3 regions
+    subscribers = Subscribers("labels", "regions")
+    config = NodeConfig(image_topics=list(TOPICS), device="cpu", dataset="camvid", high_res_regions=2)
+    rig = Rig(sparse_engine, config, demand=subscribers)
+    rig.processor.process([incoming(image_message(frame_pixels(40)))])
+    regions, timing = rig.outputs(0)["regions"], rig.outputs(0)["timing"]
+    mask = np.frombuffer(bytes(regions.data), np.uint8).reshape(HEIGHT, WIDTH)
+    assert regions.encoding == "mono8" and set(np.unique(mask)) == {0, 255}
+    assert (mask == 255).sum() == 2 * 32 * 32  # two whole 32-pixel regions
+    assert (timing.regions_computed, timing.regions_total) == (2, 6) and "regions" in list(timing.outputs)
+    assert rig.publisher.last_regions[0] == (2, 6)
+    subscribers.outputs = {"regions"}  # regions alone: the engine computes the cheapest output with them
+    rig.published.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(41)))])
+    assert set(rig.outputs(0)) == {"regions", "timing"}
+    rig.set_config(with_changes(config, {"high_res_regions": 0}))  # dense: no regions to show
+    rig.published.clear()
+    rig.processor.process([incoming(image_message(frame_pixels(42)))])
+    assert set(rig.outputs(0)) == {"timing"} and rig.outputs(0)["timing"].regions_total == 0

@@ -230,3 +230,13 @@ def test_the_network_input_size_changes_the_network_not_the_outputs(tmp_path, ch
     assert np.array_equal(labels, resized.segment(scene(0)).labels)
     assert main([str(checkpoint), str(tmp_path / "images"), "--out", str(out), "--input-size", "big"]) == 1
     assert "input size 'big' is not understood" in capsys.readouterr().err
+
+
+def test_sparse_regions_are_written_and_shown_in_the_side_by_side(tmp_path, checkpoint):
+    write_images(tmp_path / "images", count=2)
+    out = tmp_path / "out"
+    assert main([str(checkpoint), str(tmp_path / "images"), "--out", str(out), "--device", "cpu",
+                 "--high-res-regions", "1", "--region-size", "32", "--side-by-side"]) == 0
+    mask = read_png(out / "regions" / "img_0.png")
+    assert mask.shape == SIZE and set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 32 * 32
+    assert (out / "side_by_side" / "img_0.png").is_file() and (out / "labels" / "img_1.png").is_file()

@@ -262,6 +262,22 @@ def test_visual_scale_shrinks_the_visual_outputs_at_runtime_but_not_labels(ros):
     assert decoded.shape[:2] == (48, 80)
 
 
+def test_sparse_regions_run_at_runtime_and_are_shown_and_counted(ros):
+    node, probe, executor = ros
+    regions, timings = _collect(probe, f"{OUT}/regions", Image), _collect(probe, f"{OUT}/timing", SegmentationTiming)
+    labels = _collect(probe, f"{OUT}/labels", Image)
+    camera = probe.create_publisher(Image, TOPIC, 10)
+    _spin_until(executor, lambda: camera.get_subscription_count() > 0)
+    assert not node.set_parameters([Parameter("high_res_regions", Parameter.Type.INTEGER, -1)])[0].successful
+    assert node.set_parameters([Parameter("high_res_regions", Parameter.Type.INTEGER, 3)])[0].successful
+    _publish_until(executor, camera, _camera_image(), lambda: regions and labels and timings
+                   and timings[-1].regions_total)
+    mask = np.frombuffer(bytes(regions[-1].data), np.uint8).reshape(regions[-1].height, regions[-1].width)
+    assert regions[-1].encoding == "mono8" and mask.shape == (96, 160) and set(np.unique(mask)) == {0, 255}
+    assert timings[-1].regions_computed == 3 and timings[-1].regions_total > 3
+    assert (labels[-1].height, labels[-1].width) == (96, 160)
+
+
 def test_a_recording_replayed_without_sim_time_reports_no_latency_but_the_clock_mismatch(ros):
     node, probe, executor = ros
     timings = _collect(probe, f"{OUT}/timing", SegmentationTiming)

@@ -17,10 +17,11 @@ import torch
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import available_label_maps, load_class_map, load_label_map
 from icnet_ros.data.datasets import LAYOUT_CLASS_MAPS, DatasetError, build_dataset
-from icnet_ros.evaluation.evaluate import cityscapes_prediction_writer, evaluate
+from icnet_ros.evaluation.evaluate import SparseRegions, cityscapes_prediction_writer, evaluate
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import BRANCHES
 from icnet_ros.model.preprocess import INPUT_SIZE_HELP, parse_input_size
+from icnet_ros.model.sparsity import resolve_selector
 from icnet_ros.training.config import DATASETS
 
 
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-map", choices=available_label_maps(),
                         help="score a model on another data set's labels, mapped through "
                              "config/label_maps/<name>.yaml (e.g. a CamVid model on Cityscapes frames)")
+    parser.add_argument("--high-res-regions", type=int, default=None,
+                        help="score sub124 with the high-resolution path in this many regions per image only "
+                             "(spatial sparsity; 0: sub24 everywhere)")
+    parser.add_argument("--region-selector", choices=("auto", "gate", "entropy"), default="auto")
+    parser.add_argument("--region-size", type=int, default=256, help="entropy selector's region side (pixels)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--predictions", type=Path,
                         help="Cityscapes: write sub124 predictions as official label-id PNGs here")
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         class_map = load_class_map(model.config.class_map)
         input_size = parse_input_size(args.input_size, model.config.input_size)
         dataset, scored_map, prediction_lut = load_scored_dataset(args, class_map)
+        if args.high_res_regions is not None:
+            resolve_selector(model, args.region_selector)  # a gate asked of a network without one, say
     except (ValueError, FileNotFoundError) as error:
         print(f"icnet-evaluate: {error}", file=sys.stderr)
         return 1
@@ -60,14 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.predictions is not None:
         writer = cityscapes_prediction_writer(args.predictions, class_map, "sub124")
     try:
+        sparse = None if args.high_res_regions is None else SparseRegions(args.high_res_regions, args.region_selector,
+                                                                         args.region_size)
         report = evaluate(model, dataset, scored_map, args.device, args.branches, input_size, writer,
-                          prediction_lut=prediction_lut)
+                          prediction_lut=prediction_lut, sparse=sparse)
     except DatasetError as error:
         hint = "" if args.label_map else f" (labels of another class map? --label-map takes {available_label_maps()})"
         print(f"icnet-evaluate: {error}{hint}", file=sys.stderr)
         return 1
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
               "label_map": args.label_map, "input_size": args.input_size, "images": len(dataset),
+              "high_res_regions": args.high_res_regions,
               "skipped": [path for path, _ in dataset.skipped], "branches": report}
     print(format_report(report, scored_map.names))
     for path, reason in dataset.skipped:

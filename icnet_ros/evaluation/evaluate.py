@@ -1,6 +1,7 @@
 """Evaluate a model on a dataset: mIoU, per-class IoU and pixel accuracy for every branch in one pass."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -15,11 +16,22 @@ from icnet_ros.classmap import ClassMap
 from icnet_ros.evaluation.metrics import ConfusionMatrix
 from icnet_ros.model.icnet import BRANCHES, ICNet, upsample
 from icnet_ros.model.preprocess import image_to_input, network_size
+from icnet_ros.model.sparsity import sparse_logits
+
+
+@dataclass(frozen=True)
+class SparseRegions:
+    """Score sub124 as fast inference computes it: the high-resolution path in `regions` per image."""
+
+    regions: int
+    selector: str = "auto"
+    region_size: int = 256
 
 
 @torch.inference_mode()
 def predict_branches(model: ICNet, image: np.ndarray, branches: Iterable[str], device,
-                     input_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                     input_size: tuple[int, int] | None = None,
+                     sparse: SparseRegions | None = None) -> dict[str, torch.Tensor]:
     """Full-resolution label maps (H, W) of each branch from one forward pass.
 
     The network runs at network_size(image size, input_size), the model's own input size unless
@@ -28,7 +40,12 @@ def predict_branches(model: ICNet, image: np.ndarray, branches: Iterable[str], d
     """
     height, width = image.shape[:2]
     size = network_size((height, width), model.config.input_size if input_size is None else input_size)
-    logits = model.all_branch_logits(image_to_input(image, model.config, device, size=size))
+    network_input = image_to_input(image, model.config, device, size=size)
+    if sparse is not None:
+        logits = {"sub124": sparse_logits(model, network_input, sparse.regions, sparse.selector,
+                                          sparse.region_size).logits}
+    else:
+        logits = model.all_branch_logits(network_input)
     return {b: upsample(logits[b].float(), (height, width)).argmax(1)[0] for b in branches}
 
 
@@ -42,7 +59,8 @@ def shard(indices: range) -> Iterable[int]:
 def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=BRANCHES,
              input_size: tuple[int, int] | None = None,
              on_prediction: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
-             progress: bool = True, prediction_lut: np.ndarray | None = None) -> dict[str, dict]:
+             progress: bool = True, prediction_lut: np.ndarray | None = None,
+             sparse: SparseRegions | None = None) -> dict[str, dict]:
     """{branch: {'miou', 'pixel_acc', 'iou': {class: IoU}}} over every sample of `dataset`.
 
     class_map: the classes scored, those of the dataset's labels. prediction_lut maps the model's
@@ -50,7 +68,7 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
     scored on CamVid labels); on_prediction still sees the model's own classes.
     Branches the model does not have (an imported evaluation net has sub124 only) are left out.
     """
-    branches = [b for b in branches if b in model.config.branches]
+    branches = ["sub124"] if sparse is not None else [b for b in branches if b in model.config.branches]
     if not branches:
         raise ValueError(f"none of the requested branches exist in this model; it has {list(model.config.branches)}")
     was_training = model.training
@@ -60,7 +78,7 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
     indices = shard(range(len(dataset)))
     for index in tqdm(indices, desc="evaluate", disable=not progress, leave=False):
         sample = dataset[index]
-        predictions = predict_branches(model, sample["image"], branches, device, input_size)
+        predictions = predict_branches(model, sample["image"], branches, device, input_size, sparse)
         target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))
         for branch, labels in predictions.items():
             labels = labels.cpu()

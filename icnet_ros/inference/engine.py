@@ -46,6 +46,7 @@ from icnet_ros.inference.timing import StageTimings
 from icnet_ros.inference.upsample import upsample_argmax
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import ICNet, check_branch
+from icnet_ros.model.sparsity import check_sparse_input, resolve_selector, sparse_logits
 from icnet_ros.model.preprocess import network_size, normalization_constants, normalize, resize_input
 from icnet_ros.visualization import alpha_weight, colorize_torch, overlay_torch, palette_tensor
 
@@ -73,6 +74,20 @@ class Segmentation:
     overlay: np.ndarray | None = None
     timings: StageTimings = field(default_factory=StageTimings)
     batch_size: int = 1
+    # sparse high-resolution regions (engine.high_res_regions > 0): (rows, cols) bool, the regions of
+    # network_region_size network-input pixels where the high-resolution path ran; None when dense
+    regions: np.ndarray | None = None
+    network_size: tuple[int, int] | None = None
+    region_size: int = 0
+
+    @property
+    def regions_computed(self) -> int:
+        """Regions where the high-resolution path ran (0 when dense: see `regions`)."""
+        return 0 if self.regions is None else int(self.regions.sum())
+
+    @property
+    def regions_total(self) -> int:
+        return 0 if self.regions is None else int(self.regions.size)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -166,7 +181,8 @@ class SegmentationEngine:
                  upsample: str = "auto", alpha: float = 0.5, cuda_graphs: bool = True,
                  compile: bool = False, fold: bool = True,
                  input_size: tuple[int, int] | None | str = "checkpoint", backend: str = "auto",
-                 graph_cache_size: int = DEFAULT_CAPACITY, tensorrt_cache: str | Path | None = None) -> None:
+                 graph_cache_size: int = DEFAULT_CAPACITY, tensorrt_cache: str | Path | None = None,
+                 high_res_regions: int = 0, region_selector: str = "auto", region_size: int = 256) -> None:
         """threads sets torch.set_num_threads (process-wide, CPU); None leaves PyTorch's default.
 
         upsample: "sparse" (exact shortcut, default on CPU) or "dense" (default on CUDA, where it is
@@ -184,6 +200,11 @@ class SegmentationEngine:
         frame of a new shape with the cache full runs eagerly (a release synchronizes the device, so
         none happens while frames flow). The node sizes it for every batch its cameras can produce.
         tensorrt_cache: the folder of cached TensorRT engines (default $ICNET_ROS_CACHE/tensorrt).
+        high_res_regions: 0 runs the network densely; k > 0 runs sub124's high-resolution path only in
+        the k best regions per image (model/sparsity.py; torch backend; changeable between calls).
+        region_selector: "gate" (a gated checkpoint's trained gate), "entropy" (sub24's entropy, any
+        checkpoint with auxiliary heads) or "auto" (the gate when there is one); region_size: the
+        entropy selector's region side in network-input pixels (a gate has its own).
         """
         self.device = resolve_device(device)
         if threads is not None:
@@ -216,6 +237,10 @@ class SegmentationEngine:
             from icnet_ros.inference.tensorrt import TensorRTForward
 
             self._tensorrt = TensorRTForward(model, self.device, tensorrt_cache)
+        self.region_selector = resolve_selector(model, region_selector) if high_res_regions else region_selector
+        self.region_size = model.config.gate_region_size if self.region_selector == "gate" else int(region_size)
+        self.high_res_regions = high_res_regions
+        self._chosen = None  # the regions of the last sparse forward, handed to its Pending
         self.stages = self._make_stages()
         self._runner = self._make_runner(cuda_graphs, graph_cache_size)
 
@@ -233,6 +258,26 @@ class SegmentationEngine:
     @branch.setter
     def branch(self, branch: str) -> None:
         self._branch = check_branch(branch, self.config)
+
+    @property
+    def high_res_regions(self) -> int:
+        return self._high_res_regions
+
+    @high_res_regions.setter
+    def high_res_regions(self, regions: int) -> None:
+        self._high_res_regions = self.check_high_res_regions(regions)
+
+    def check_high_res_regions(self, regions: int) -> int:
+        """`regions` if this engine can run that many (0: dense), else ValueError saying why."""
+        regions = int(regions)
+        if regions < 0:
+            raise ValueError(f"high_res_regions must be 0 (dense) or a number of regions per image, got {regions}")
+        if regions and self.backend != "torch":
+            raise ValueError(f"high_res_regions needs backend 'torch' (the {self.backend} engine is dense); "
+                             f"set high_res_regions 0 or backend 'torch'")
+        if regions:
+            self.region_selector = resolve_selector(self.weights("fp32"), self.region_selector)
+        return regions
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -310,7 +355,9 @@ class SegmentationEngine:
         be reused as soon as submit returns (they are copied). Handles may be collected in any order.
         """
         batch, single, plan = self._plan(frames, channel_order, labels, color, overlay)
-        return Pending(plan, single, self._runner.submit(batch, plan, self._alpha_for(alpha)))
+        work = self._runner.submit(batch, plan, self._alpha_for(alpha))
+        regions, self._chosen = self._chosen, None
+        return Pending(plan, single, work, regions=regions)
 
     def collect(self, pending: Pending) -> Segmentation | list[Segmentation]:
         """The result of a submitted call (waiting for it): a Segmentation, or a list for a batch.
@@ -323,6 +370,11 @@ class SegmentationEngine:
         outputs, timings = self._runner.collect(pending.work)
         pending.work = None
         results = self._split(outputs, pending.plan, timings)
+        if pending.regions is not None:
+            regions = pending.regions.cpu().numpy()
+            for result, chosen in zip(results, regions):
+                result.regions, result.network_size = chosen, pending.plan.network_size
+                result.region_size = self.region_size
         return results[0] if pending.single else results
 
     def segment_stream(self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], **options
@@ -404,6 +456,11 @@ class SegmentationEngine:
     def forward_logits(self, frames: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(N, H, W, 3) uint8 on device -> the branch's low-resolution logits (N, C, h, w), torch backend."""
         x = self._network_input(frames, plan.channel_order, plan.network_size, PRECISIONS[plan.precision])
+        if plan.high_res_regions:
+            result = sparse_logits(self.weights(plan.precision), x, plan.high_res_regions, self.region_selector,
+                                   self.region_size)
+            self._chosen = result.chosen
+            return result.logits
         return self._network(plan.precision)(x, plan.branch)
 
     def postprocess(self, frames: torch.Tensor, logits: torch.Tensor, plan: Plan,
@@ -453,9 +510,12 @@ class SegmentationEngine:
         if not (labels or color or overlay):
             raise ValueError("nothing to compute: ask for at least one of labels, color, overlay")
         net_height, net_width = network_size(batch.shape[1:3], self.input_size)
+        regions = self.high_res_regions if self.branch == "sub124" else 0
+        if regions:
+            check_sparse_input(net_height, net_width)
         plan = Plan(batch.shape[0], batch.shape[1], batch.shape[2], self.branch, self.precision,
                     check_channel_order(channel_order), bool(labels), bool(color), bool(overlay), self.upsample,
-                    net_height, net_width)
+                    net_height, net_width, regions)
         return batch, single, plan
 
     def _alpha_for(self, alpha: float | None) -> int:

@@ -41,7 +41,7 @@ from icnet_ros.model.checkpoint import CheckpointError
 from icnet_ros.model.icnet import BRANCHES
 from icnet_ros.model.preprocess import INPUT_SIZE_HELP, parse_input_size
 from icnet_ros.ros.topics import output_topics as ros_output_topics
-from icnet_ros.visualization import side_by_side
+from icnet_ros.visualization import draw_regions, region_mask, side_by_side
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -258,8 +258,13 @@ class Outputs:
             write_png(out / "color" / f"{frame.name}.png", cv2.cvtColor(seg.color, cv2.COLOR_RGB2BGR))
         if self.args.overlay:
             write_png(out / "overlay" / f"{frame.name}.png", cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
+        mask = None
+        if seg.regions is not None:  # sparse: where the high-resolution path ran
+            mask = region_mask(seg.regions, seg.region_size, seg.network_size, seg.labels.shape)
+            write_png(out / "regions" / f"{frame.name}.png", mask)
         if self.args.side_by_side:  # camera | overlay over a legend of the classes shown, one picture
-            pair = side_by_side(frame.rgb, seg.overlay, seg.labels, self.engine.class_map)
+            camera = frame.rgb if mask is None else draw_regions(frame.rgb, mask)
+            pair = side_by_side(camera, seg.overlay, seg.labels, self.engine.class_map)
             write_png(out / "side_by_side" / f"{frame.name}.png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if self.video is not None:
             self.video.write(cv2.cvtColor(seg.overlay, cv2.COLOR_RGB2BGR))
@@ -335,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--input-size", default="checkpoint",
                         help=f"network input size: {INPUT_SIZE_HELP}; outputs are always at the frame's size")
+    parser.add_argument("--high-res-regions", type=int, default=0,
+                        help="0: dense; k: run the high-resolution path in the k best regions per frame only "
+                             "(spatial sparsity) and write regions/<name>.png (255 where it ran)")
+    parser.add_argument("--region-selector", choices=("auto", "gate", "entropy"), default="auto",
+                        help="how regions are chosen: a gated checkpoint's gate, or sub24's entropy")
+    parser.add_argument("--region-size", type=int, default=256,
+                        help="entropy selector: region side in network-input pixels (a gate has its own)")
     parser.add_argument("--summary-json", type=Path, help="write the timing summary and counts here as JSON")
     return parser
 
@@ -345,7 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.fps is None:
         args.fps = video_fps(args.input) if kind == "video" else DEFAULT_FPS
     engine = SegmentationEngine.from_checkpoint(args.checkpoint, device=args.device, branch=args.branch,
-                                                precision=args.precision, threads=args.threads, alpha=args.alpha)
+                                                precision=args.precision, threads=args.threads, alpha=args.alpha,
+                                                high_res_regions=args.high_res_regions,
+                                                region_selector=args.region_selector, region_size=args.region_size)
     engine.input_size = parse_input_size(args.input_size, engine.config.input_size)
     skips, log = Skips(), TimingLog()
     with ExitStack() as stack:

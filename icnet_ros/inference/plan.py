@@ -43,6 +43,7 @@ class Plan:
     upsample: str = "sparse"
     network_height: int = 0  # the size the network runs at (frames are resized to it); 0: the frame's
     network_width: int = 0
+    high_res_regions: int = 0  # sub124 only: regions of the high-resolution path per image (0 = dense)
 
     @property
     def network_size(self) -> tuple[int, int]:
@@ -58,7 +59,7 @@ class Plan:
         channel order. The output set and upsample method are not in it: changing them reuses the
         captured forward (the postprocess stages are captured per upsample method inside)."""
         return (self.batch, self.height, self.width, *self.network_size, self.branch, self.precision,
-                self.channel_order)
+                self.channel_order, self.high_res_regions)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -146,6 +147,7 @@ class Pending:
     single: bool
     work: Any  # the runner's own record of the call
     collected: bool = False
+    regions: Any = None  # sparse calls: (N, rows, cols) bool tensor of the regions computed
 
 
 class EagerRunner:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from icnet_ros.model.sparsity import RegionGate, RegionGrid, blend, check_region_size, spread
+
 Branch = Literal["sub4", "sub24", "sub124"]
 BRANCHES: tuple[Branch, ...] = ("sub4", "sub24", "sub124")
 
@@ -81,6 +83,9 @@ class ModelConfig:
     interp: Literal["pytorch", "caffe"] = "pytorch"
     pyramid_size: Optional[tuple[int, int]] = None
     pyramid_windows: tuple[tuple[int, int, int, int], ...] = ()
+    # Spatial sparsity (model/sparsity.py): 0 = the released network; else the side, in network-input
+    # pixels, of the square regions a gate on F_24 weighs between sub124 and the upsampled sub24.
+    gate_region_size: int = 0
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -90,6 +95,11 @@ class ModelConfig:
             raise ValueError(f"pyramid_windows needs one (kernel_h, kernel_w, stride_h, stride_w) per bin "
                              f"{PYRAMID_BINS} and the pyramid_size they are for; got {self.pyramid_windows} "
                              f"for {self.pyramid_size}")
+        if self.gate_region_size:
+            check_region_size(self.gate_region_size)
+            if not self.aux_heads:
+                raise ValueError("gate_region_size needs the auxiliary heads: regions left out take the sub24 "
+                                 "prediction")
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -333,6 +343,7 @@ class ICNet(nn.Module):
         self.cff_124 = CascadeFeatureFusion(w["cff"], w["sub1"][2], w["cff"], config.num_classes, config.aux_heads)
         self.classifier = nn.Conv2d(w["cff"], config.num_classes, 1, bias=True)
         self._init_weights()
+        self.region_gate = RegionGate(w["cff"], config.gate_region_size) if config.gate_region_size else None
 
     def _init_weights(self):
         for module in self.modules():
@@ -363,8 +374,19 @@ class ICNet(nn.Module):
         f_24, _ = self.cff_24(f_sub4, f_sub2)
         if branch == "sub24":
             return self.cff_124.aux_classifier(upsample(f_24, sizes.sub1))
-        f_124, _ = self.cff_124(f_24, self.sub1(image))
-        return self.classifier(upsample(f_124, sizes.sub124))
+        f_124, f_24_up = self.cff_124(f_24, self.sub1(image))
+        sub124 = self.classifier(upsample(f_124, sizes.sub124))
+        if self.region_gate is None:
+            return sub124
+        return self._gated(sub124, self.cff_124.aux_classifier(f_24_up), f_24, image, sizes)[0]
+
+    def _gated(self, sub124, sub24, f_24, image, sizes: BranchSizes):
+        """(classic gated sub124 logits, region scores): each region's sigmoid weighs sub124 against
+        the upsampled sub24 (sparsity.py)."""
+        grid = RegionGrid(image.shape[-2], image.shape[-1], self.config.gate_region_size)
+        scores = self.region_gate(f_24, grid)
+        weight = spread(torch.sigmoid(scores), grid, grid.size // 4, sizes.sub124).to(sub124.dtype)
+        return blend(upsample(sub24, sizes.sub124), sub124, weight), scores
 
     def all_branch_logits(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every branch's logits in one pass (training: the cascade label guidance needs each).
@@ -379,6 +401,8 @@ class ICNet(nn.Module):
         if self.config.aux_heads:
             logits = {"sub4": self.cff_24.aux_classifier(f_sub4_up),
                       "sub24": self.cff_124.aux_classifier(f_24_up), **logits}
+        if self.region_gate is not None:  # the cascade loss sees the gated output, the sparsity loss the scores
+            logits["sub124"], logits["gate"] = self._gated(logits["sub124"], logits["sub24"], f_24, image, sizes)
         return logits
 
     def forward(self, image: torch.Tensor, branch: Branch = "sub124"):

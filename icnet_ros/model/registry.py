@@ -8,10 +8,12 @@ bundled models answer at keep rate 0.25:
 - cityscapes: Cityscapes' 19 classes learnt from CamVid's real frames (labels as sets of Cityscapes
   classes) and synthetic drives (exact labels), from the CamVid model; the default;
 - camvid: trained here from scratch on CamVid's real driving frames (11 classes);
+- camvid_sparse (by name only): the camvid model fine-tuned with a spatial-sparsity gate
+  (model/sparsity.py), for high_res_regions > 0;
 - the demo weights (by name, `demo`, and for the demo drive): trained on synthetic drives only. They
   show the pipeline working and are not a model for real roads; the node says so.
 
-A bundled model can also be asked for by its name (model:=cityscapes, camvid or demo).
+A bundled model can also be asked for by its name (model:=cityscapes, camvid, camvid_sparse or demo).
 """
 from __future__ import annotations
 
@@ -42,13 +44,17 @@ CAMVID = BundledModel("camvid", "camvid_keep0.25.safetensors", "camvid", 0.25, F
                       "icnet-train --config config/train/camvid_cpu_robust.yaml data_root=<CamVid (SegNet layout)> && "
                       "python -m icnet_ros.model.checkpoint runs/camvid_cpu_robust/model.safetensors "
                       "camvid_keep0.25.safetensors --fp16")
+CAMVID_SPARSE = BundledModel("camvid_sparse", "camvid_sparse_keep0.25.safetensors", "camvid", 0.25, False,
+                             "icnet-train --config config/train/camvid_sparse_cpu.yaml data_root=<CamVid (SegNet layout)> "
+                             "&& python -m icnet_ros.model.checkpoint runs/camvid_sparse_cpu/model.safetensors "
+                             "camvid_sparse_keep0.25.safetensors --fp16")
 CITYSCAPES = BundledModel("cityscapes", "cityscapes_keep0.25.safetensors", "cityscapes", 0.25, False,
                           "icnet-make-drives --out data/synthetic_drives --splits train=400 --height 512 --width 1024 "
                           "&& icnet-train --config config/train/cityscapes_cpu.yaml data_root=<CamVid (SegNet layout)> "
                           "&& python -m icnet_ros.model.checkpoint runs/cityscapes_cpu/model.safetensors "
                           "cityscapes_keep0.25.safetensors --fp16")
 # the first bundled model of a dataset and keep rate is the one selected by them
-BUNDLED_MODELS = (CITYSCAPES, CAMVID, DEMO)
+BUNDLED_MODELS = (CITYSCAPES, CAMVID, CAMVID_SPARSE, DEMO)
 BUNDLED_BY_NAME = {model.name: model for model in BUNDLED_MODELS}
 DEMO_DATASET, DEMO_KEEP_RATE = DEMO.dataset, DEMO.keep_rate
 

@@ -59,7 +59,7 @@ LAUNCH_ARGUMENTS = (
                    tuple(f"{rate:g}" if rate != 1.0 else "1.0" for rate in KEEP_RATES), "keep_rate"),
     LaunchArgument("branch", "", f"Cascade output: sub124 (accurate) .. sub4 (fast). {FROM_FILE}",
                    ("sub124", "sub24", "sub4"), "branch"),
-    LaunchArgument("model", "", "Checkpoint file or bundled model name (cityscapes, camvid, demo); empty selects "
+    LaunchArgument("model", "", "Checkpoint file or bundled model name (cityscapes, camvid, camvid_sparse, demo); empty selects "
                    "one by dataset and compression (at 0.25 the bundled real-street models; demo:=true: the "
                    "synthetic demo weights, which know its drive).", None, "model"),
     LaunchArgument("model_dir", "", f"Folder of icnet_<dataset>_keep<rate>.safetensors checkpoints. {FROM_FILE}",

@@ -57,7 +57,7 @@ from icnet_ros.ros.node_config import (
     parameter_specs,
     with_changes,
 )
-from icnet_ros.ros.processor import IMAGE_OUTPUTS, output_messages
+from icnet_ros.ros.processor import PUBLISHED_OUTPUTS, output_messages
 from icnet_ros.ros.publisher import MessageTypes
 from icnet_ros.ros.session import STARTUP_ERRORS, SegmentationSession, create_engine, startup_error_message
 from icnet_ros.ros.topics import COMPRESSED_SUFFIX, camera_info_topic, output_topics, subscription_topic
@@ -222,6 +222,7 @@ class SegmentationNode(LifecycleNode):
             config = with_changes(self.config, changes)
             if self.session is not None:
                 check_branch(config.branch, self.session.engine.config)
+                self.session.engine.check_high_res_regions(config.high_res_regions)
         except (ConfigError, ValueError) as error:
             return SetParametersResult(successful=False, reason=str(error))
         self.config = config
@@ -238,7 +239,7 @@ class SegmentationNode(LifecycleNode):
                          durability=DurabilityPolicy.VOLATILE)
         publishers = {name: self.create_lifecycle_publisher(
             CompressedImage if name.endswith(COMPRESSED_SUFFIX) else Image, names[name], qos)
-            for output in IMAGE_OUTPUTS for name in output_messages(output)}
+            for output in PUBLISHED_OUTPUTS for name in output_messages(output)}
         publishers["camera_info"] = self.create_lifecycle_publisher(CameraInfo, names["camera_info"], qos)
         publishers["timing"] = self.create_lifecycle_publisher(SegmentationTiming, names["timing"], qos)
         label_info = _label_info_type()
@@ -327,6 +328,9 @@ class SegmentationNode(LifecycleNode):
         status.add("keep_rate", f"{session.engine.config.keep_rate:g}")
         status.add("device", str(session.engine.device))
         status.add("precision", session.engine.precision)
+        status.add("high_res_regions", str(self.config.high_res_regions))
+        computed, total = session.publisher.last_regions.get(camera, (0, 0))
+        status.add("regions_computed", f"{computed} of {total}" if total else "dense")
         return status
 
     def _now_ns(self) -> int:

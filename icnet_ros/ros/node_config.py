@@ -44,7 +44,7 @@ def _field(default: Any, description: str, *, dynamic: bool = False, choices: tu
 class NodeConfig:
     # --- model -------------------------------------------------------------------------------------
     model: str = _field("", "Checkpoint file (.safetensors), or a bundled model's name (cityscapes, camvid, "
-                        "demo). Empty: <model_dir>/icnet_<dataset>_keep<keep_rate>.safetensors, or at keep rate "
+                        "camvid_sparse, demo). Empty: <model_dir>/icnet_<dataset>_keep<keep_rate>.safetensors, or at keep rate "
                         "0.25 the bundled real-street model of the dataset (cityscapes: 19 classes, camvid: 11).")
     model_dir: str = _field("", "Folder of checkpoints named icnet_<dataset>_keep<keep_rate>.safetensors, "
                             "searched when model is empty.")
@@ -59,6 +59,11 @@ class NodeConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _field(
         "auto", "Forward-pass precision; auto is fp16 on CUDA and fp32 on CPU.",
         choices=("auto", "fp32", "fp16", "bf16"))
+    high_res_regions: int = _field(
+        0, "Spatial sparsity: 0 runs the network densely; k > 0 runs sub124's high-resolution path only in the k "
+        "regions per frame where it helps most (a gated checkpoint's gate, else sub24's entropy), so the time per "
+        "frame is fixed. The network input must be a multiple of 8 each way; torch backend.", dynamic=True,
+        value_range=(0, 4096))
     cpu_threads: int = _field(0, "PyTorch CPU threads; 0 keeps PyTorch's default.", value_range=(0, 256))
     backend: Literal["auto", "torch", "tensorrt"] = _field(
         "auto", "Inference backend: torch (PyTorch, CUDA graphs), tensorrt (pip install icnet-ros[tensorrt]; "
@@ -93,6 +98,8 @@ class NodeConfig:
                                  "color/compressed.", dynamic=True)
     publish_overlay: bool = _field(True, "Publish segmentation/overlay (colors blended over the camera "
                                    "image, in the input's encoding) and overlay/compressed.", dynamic=True)
+    publish_regions: bool = _field(True, "Publish segmentation/regions (mono8, 255 where the high-resolution path "
+                                   "ran) while high_res_regions > 0; for RViz.", dynamic=True)
     overlay_alpha: float = _field(0.5, "Opacity of the colors in the overlay: 0 = camera image only, "
                                   "1 = colors only.", dynamic=True, value_range=(0.0, 1.0))
     jpeg_quality: int = _field(JPEG_QUALITY, "JPEG quality of segmentation/color/compressed and "

@@ -29,9 +29,13 @@ from icnet_ros.ros.health import HealthMonitor
 from icnet_ros.ros.image_conversion import ImageConversionError
 from icnet_ros.ros.node_config import NodeConfig
 from icnet_ros.ros.topics import COMPRESSED_SUFFIX, VISUAL_OUTPUTS, compressed_output
+from icnet_ros.visualization import region_mask
 
 IMAGE_OUTPUTS = ("labels", "color", "overlay")  # what the engine computes
-OUTPUT_FLAGS = {"labels": "publish_labels", "color": "publish_color", "overlay": "publish_overlay"}
+REGIONS = "regions"  # mono8 where the high-resolution path ran: drawn from the engine's choice of regions
+PUBLISHED_OUTPUTS = (*IMAGE_OUTPUTS, REGIONS)
+OUTPUT_FLAGS = {"labels": "publish_labels", "color": "publish_color", "overlay": "publish_overlay",
+                REGIONS: "publish_regions"}
 
 Demand = Callable[[int, str], bool]  # (camera index, output name) -> does anyone subscribe to it
 Deliver = Callable[["SegmentedFrame"], None]
@@ -49,7 +53,7 @@ def output_messages(output: str) -> tuple[str, ...]:
     return (output, compressed_output(output)) if output in VISUAL_OUTPUTS else (output,)
 
 
-MESSAGE_OUTPUTS = {message: output for output in IMAGE_OUTPUTS for message in output_messages(output)}
+MESSAGE_OUTPUTS = {message: output for output in PUBLISHED_OUTPUTS for message in output_messages(output)}
 
 
 @dataclass
@@ -65,6 +69,8 @@ class SegmentedFrame:
     taken_s: float = 0.0  # time.perf_counter() when the worker took the frame from the buffer
     branch: str = ""
     precision: str = ""
+    regions_computed: int = 0  # sparse: regions where the high-resolution path ran, of regions_total
+    regions_total: int = 0
 
 
 @dataclass
@@ -120,7 +126,7 @@ class FrameProcessor:
 
     def wanted_messages(self, camera: int, config: NodeConfig) -> tuple[str, ...]:
         """The image messages of `camera` (output_messages) that are enabled and have a subscriber right now."""
-        return tuple(message for output in IMAGE_OUTPUTS if getattr(config, OUTPUT_FLAGS[output])
+        return tuple(message for output in PUBLISHED_OUTPUTS if getattr(config, OUTPUT_FLAGS[output])
                      for message in output_messages(output) if self.demand(camera, message))
 
     def process(self, frames: list[IncomingFrame]) -> list[FrameResult]:
@@ -132,6 +138,7 @@ class FrameProcessor:
         config = self.config
         self.engine.branch = config.branch
         self.engine.alpha = config.overlay_alpha
+        self.engine.high_res_regions = config.high_res_regions
         work = Work(config, time.perf_counter())
         converted = []
         for frame in frames:
@@ -155,6 +162,8 @@ class FrameProcessor:
 
     def _submit(self, work: Work, group: list[_Converted]) -> None:
         computed = {MESSAGE_OUTPUTS[message] for message in group[0].wanted}
+        if computed == {REGIONS}:  # the regions come with any output: the cheapest one
+            computed = {"labels"}
         if not computed:  # nobody listens to any image of these cameras: compute nothing
             work.batches.append((group, None))
             return
@@ -169,14 +178,14 @@ class FrameProcessor:
 
     def _collect(self, work: Work, group: list[_Converted], pending: Any) -> list[FrameResult]:
         if pending is None:
-            return [self._deliver(item, {}, StageTimings(), work, "idle") for item in group]
+            return [self._deliver(item, {}, None, work, "idle") for item in group]
         try:
             segmentations = self.engine.collect(pending)
         except Exception as error:  # a failure surfacing when the device finishes: the same report
             return self._failed(group, error)
         if not isinstance(segmentations, list):
             segmentations = [segmentations]
-        return [self._deliver(item, dict(_outputs(seg, item.pixels)), seg.timings, work, "segmented")
+        return [self._deliver(item, dict(_outputs(seg, item.pixels, item.wanted)), seg, work, "segmented")
                 for item, seg in zip(group, segmentations)]
 
     def _failed(self, group: list[_Converted], error: Exception) -> list[FrameResult]:
@@ -191,15 +200,21 @@ class FrameProcessor:
         self.log("malformed", f"malformed image on {topic}: {error}")
         return FrameResult(frame.camera, "malformed", str(error))
 
-    def _deliver(self, item: _Converted, outputs: dict, timings: StageTimings, work: Work,
-                 outcome: str) -> FrameResult:
+    def _deliver(self, item: _Converted, outputs: dict, seg, work: Work, outcome: str) -> FrameResult:
+        """seg: the engine's Segmentation, None when nothing was computed."""
+        timings = StageTimings() if seg is None else seg.timings
+        regions = (0, 0) if seg is None else (seg.regions_computed, seg.regions_total)
         self.deliver(SegmentedFrame(item.frame.camera, item.frame.message.header, outputs, item.wanted, timings,
-                                    item.convert_ms, work.taken_s, work.config.branch, self.engine.precision))
+                                    item.convert_ms, work.taken_s, work.config.branch, self.engine.precision,
+                                    *regions))
         return FrameResult(item.frame.camera, outcome, outputs=tuple(outputs))
 
 
-def _outputs(seg, pixels: EngineInput):
-    """(output name, (pixels, encoding)) of every output the engine computed."""
+def _outputs(seg, pixels: EngineInput, wanted: tuple[str, ...]):
+    """(output name, (pixels, encoding)) of every output the engine computed (and the regions asked for)."""
+    if seg.regions is not None and REGIONS in wanted:
+        yield REGIONS, (region_mask(seg.regions, seg.region_size, seg.network_size, seg.labels.shape
+                                    if seg.labels is not None else pixels.pixels.shape[:2]), "mono8")
     if seg.labels is not None:
         yield "labels", (seg.labels, "mono8" if seg.labels.dtype == np.uint8 else "mono16")
     if seg.color is not None:

@@ -108,6 +108,7 @@ class OutputPublisher:
         self.types = message_types
         self.publish = publish
         self.health = health
+        self.last_regions: dict[int, tuple[int, int]] = {}  # camera -> (regions computed, of), for diagnostics
         self.clock_ns = clock_ns
         self.model = model
         self.config = config
@@ -124,6 +125,7 @@ class OutputPublisher:
         config = self.config
         start = time.perf_counter()
         published = self._publish_images(frame, config)
+        self.last_regions[frame.camera] = (frame.regions_computed, frame.regions_total)
         if self._relay_camera_info(frame):
             published.append("camera_info")
         publish_ms = (time.perf_counter() - start) * 1e3
@@ -183,7 +185,8 @@ class OutputPublisher:
             publish_ms=publish_ms, total_ms=total_ms, latency_ms=latency_ms, frames_processed=counts.processed,
             frames_dropped=counts.dropped, frames_malformed=counts.malformed, frames_missing=counts.missing,
             outputs=list(published), model=self.model.model, class_map=self.model.class_map, branch=frame.branch,
-            keep_rate=self.model.keep_rate, device=self.model.device, precision=frame.precision)
+            keep_rate=self.model.keep_rate, device=self.model.device, precision=frame.precision,
+            regions_computed=frame.regions_computed, regions_total=frame.regions_total)
 
 
 def visual_size(pixels: np.ndarray, output: str, scale: float) -> np.ndarray:

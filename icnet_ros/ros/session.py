@@ -59,7 +59,7 @@ def create_engine(config: NodeConfig) -> tuple[SegmentationEngine, ResolvedCheck
     engine = SegmentationEngine.from_checkpoint(
         checkpoint.path, device=config.device, branch=config.branch, precision=config.precision,
         threads=config.cpu_threads or None, alpha=config.overlay_alpha, backend=config.backend,
-        graph_cache_size=graph_cache_size(config))
+        graph_cache_size=graph_cache_size(config), high_res_regions=config.high_res_regions)
     engine.input_size = parse_input_size(config.input_size, engine.config.input_size)
     warm_up(engine, config)
     return engine, checkpoint

@@ -19,7 +19,7 @@ import posixpath
 COMPRESSED_SUFFIX = "/compressed"
 VISUAL_OUTPUTS = ("color", "overlay")  # images for people: also published compressed, and at visual_scale
 OUTPUT_NAMES = ("labels", "color", "color" + COMPRESSED_SUFFIX, "overlay", "overlay" + COMPRESSED_SUFFIX,
-                "camera_info", "timing", "label_info")
+                "regions", "camera_info", "timing", "label_info")
 TRANSPORTS = ("raw", "compressed")
 
 

@@ -69,6 +69,12 @@ class TrainConfig:
     amp: bool = True  # mixed precision, used on CUDA only
     # progressive compression: prune to each rate in turn, fine-tuning `iterations` after each cut
     compress_schedule: tuple[float, ...] = ()
+    # spatial sparsity (model/sparsity.py): a gate over square regions of this many network-input
+    # pixels (0: none); its sparsity term (paper Eq. 1, 2, 4) holds each image's mean activation near
+    # gate_target_active (p) with weight gate_sparsity_weight (lambda)
+    gate_region_size: int = 0
+    gate_target_active: float = 0.25
+    gate_sparsity_weight: float = 1.0
     # bookkeeping
     out_dir: str = "runs/cityscapes"
     val_every: int = 1000

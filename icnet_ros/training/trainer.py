@@ -33,6 +33,7 @@ from icnet_ros.model.icnet import ICNet, ModelConfig
 from icnet_ros.model.loss import CascadeLoss
 from icnet_ros.model.preprocess import prepare_input
 from icnet_ros.model.prune import progressive_schedule, prune_model
+from icnet_ros.model.sparsity import sparsity_loss
 from icnet_ros.training.class_weights import resolve_class_weights
 from icnet_ros.training.config import TrainConfig
 from icnet_ros.training.targets import TargetVocabulary, build_vocabulary
@@ -262,6 +263,9 @@ class Stage:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             outputs = network(images)
         loss, per_branch = self.criterion({k: v.float() for k, v in outputs.items()}, labels)
+        if "gate" in outputs:
+            per_branch["gate_sparsity"] = self._gate_loss(outputs["gate"])
+            loss = loss + per_branch["gate_sparsity"]
         if not finite_on_every_rank(loss, self.world):
             raise FloatingPointError(f"loss became non-finite (here {loss.item()}) at iteration {self.iteration}"
                                      f"{' on at least one of the processes' if self.world > 1 else ''}; "
@@ -277,7 +281,17 @@ class Stage:
                 writer.add_scalar("train/lr", lr, self.iteration)
                 for branch, value in per_branch.items():
                     writer.add_scalar(f"train/loss_{branch}", value.item(), self.iteration)
+                if "gate" in outputs:  # the mean coarse-to-fine weight: where the sparsity term holds it
+                    writer.add_scalar("train/gate_active", self.gate_active, self.iteration)
         return lr
+
+    def _gate_loss(self, scores: torch.Tensor) -> torch.Tensor:
+        """The sparsity term; advances the gate's moving average q (kept in the model's state)."""
+        gate = self.model.region_gate
+        self.gate_active = float(torch.sigmoid(scores.detach()).mean())
+        loss, gate.active_mean = sparsity_loss(scores, gate.active_mean, self.config.gate_target_active,
+                                               self.config.gate_sparsity_weight)
+        return loss
 
     def validate(self, writer=None) -> dict:
         data = self.data
@@ -383,13 +397,38 @@ def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
         model = load_model(config.init_from, expected_num_classes=class_map.num_classes)
     else:
         return ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
-                                 class_map=class_map.name, input_size=config.image_size))
+                                 class_map=class_map.name, input_size=config.image_size,
+                                 gate_region_size=config.gate_region_size))
+    model = with_gate(model, config)
     if model.config.keep_rate < config.keep_rate:
         raise ValueError(f"init_from {config.init_from} has keep rate {model.config.keep_rate}, narrower "
                          f"than keep_rate {config.keep_rate}; pruning only removes filters")
     if config.image_size is not None:
         model.config = replace(model.config, input_size=config.image_size)
     return model.train()
+
+
+def with_gate(model: ICNet, config: TrainConfig) -> ICNet:
+    """`model` with the configured region gate added (fresh) when it has none; its other weights kept."""
+    size = config.gate_region_size
+    if size == model.config.gate_region_size:
+        return model
+    if not size:
+        raise ValueError(f"init_from has a region gate of {model.config.gate_region_size} px but gate_region_size "
+                         f"is 0; set gate_region_size: {model.config.gate_region_size}")
+    if model.config.gate_region_size:
+        raise ValueError(f"init_from has a region gate of {model.config.gate_region_size} px, the recipe asks for "
+                         f"{size}; a gate cannot change its region size")
+    if config.compress_schedule or model.config.keep_rate != config.keep_rate:
+        raise ValueError(f"a region gate is added after compression: prune to keep_rate {config.keep_rate} first "
+                         f"(init_from is at {model.config.keep_rate}), then fine-tune with the gate")
+    gated = ICNet(replace(model.config, gate_region_size=size))
+    missing, unexpected = gated.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("region_gate.") for key in missing):
+        raise ValueError(f"cannot add a gate to init_from: unexpected {unexpected}, missing {missing}")
+    with torch.no_grad():
+        gated.region_gate.active_mean.fill_(config.gate_target_active)
+    return gated.train(model.training)
 
 
 def model_with_classes_from(path: str, label_map_name: str, class_map: ClassMap) -> ICNet:
