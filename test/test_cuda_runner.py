@@ -267,3 +267,22 @@ def test_the_engine_its_runner_and_graphs_are_freed_at_once(fake_cuda):
         assert [ref() is None for ref in gone] == [True] * len(gone)
     finally:
         gc.enable()
+
+
+def test_sparse_calls_in_flight_keep_their_own_regions_and_are_never_captured(fake_cuda, schedule):
+    torch.manual_seed(0)
+    model = trained_bn_model(keep_rate=0.25, num_classes=19, class_map="cityscapes")
+    eager = SegmentationEngine(model, device="cpu", upsample="dense", region_size=32, high_res_regions=2)
+    engine = SegmentationEngine(model, device="cpu", upsample="dense", region_size=32, high_res_regions=2)
+    engine._runner = make_runner(fake_cuda, engine, schedule)  # the CUDA runner's plumbing on the fake
+    pool = frames(4, seed=3)
+    handles = [engine.submit(frame, color=True) for frame in pool]  # all in flight before any is collected
+    chosen = set()
+    for frame, handle in reversed(list(zip(pool, handles))):
+        result, reference = engine.collect(handle), eager.segment(frame, color=True)
+        assert np.array_equal(result.regions, reference.regions) and result.regions_computed == 2
+        chosen.add(result.regions.tobytes())
+        assert np.array_equal(result.labels, reference.labels) and np.array_equal(result.color, reference.color)
+    assert len(chosen) > 1  # the frames choose different regions: a mix-up would show
+    entry = engine._runner.cache.peek(engine._plan(pool[0], "rgb", True, True, False)[2])
+    assert entry is not None and not entry.forward_graph  # the choice of regions leaves the eager forward

@@ -179,3 +179,26 @@ def test_pipelined_results_match_and_are_never_overwritten(model):
         assert np.array_equal(seg.labels, labels) and np.array_equal(seg.color, color)
     timings = results[-1].timings
     assert timings.forward_ms > 0 and timings.download_ms > 0 and timings.upload_ms > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_sparse_regions_on_cuda_agree_with_dense_and_with_the_cpu(model, precision):
+    """Sparse inference on the GPU, pipelined (two calls in flight): every region computed gives the
+    dense labels, each call gets its own regions, and the choice of regions matches the CPU's."""
+    gpu = SegmentationEngine(model, device="cuda", backend="torch", precision=precision, region_size=64,
+                             high_res_regions=8)  # 128x256 frames: 2 x 4 regions, all of them
+    dense = SegmentationEngine(model, device="cuda", backend="torch", precision=precision)
+    pool = frames(2, seed=5)
+    first, second = gpu.submit(pool[0]), gpu.submit([pool[1], pool[0]])
+    one, pair = gpu.collect(first), gpu.collect(second)
+    for result, frame in ((one, pool[0]), (pair[0], pool[1]), (pair[1], pool[0])):
+        assert result.regions_computed == 8 and result.labels.shape == (HEIGHT, WIDTH)
+        assert label_agreement(result.labels, dense.segment(frame).labels) > 0.995
+    gpu.high_res_regions = 2
+    cpu = SegmentationEngine(model, device="cpu", region_size=64, high_res_regions=2)
+    for frame in pool:
+        on_gpu, on_cpu = gpu.segment(frame, color=True), cpu.segment(frame)
+        assert on_gpu.regions_computed == 2 and on_gpu.color.shape == (HEIGHT, WIDTH, 3)
+        if precision == "fp32":
+            assert np.array_equal(on_gpu.regions, on_cpu.regions)
+            assert label_agreement(on_gpu.labels, on_cpu.labels) > 0.995
