@@ -116,14 +116,43 @@ def test_every_k_gives_the_full_label_image_from_the_engine():
     assert np.mean(result.labels == dense) > 0.999  # k = N: the classic inference
 
 
-def test_engine_refuses_sizes_and_settings_it_cannot_run_sparse():
+def test_engine_runs_sparse_at_a_multiple_of_8_and_refuses_what_it_cannot_run():
     engine = SegmentationEngine(gated_model(), device="cpu", input_size=None, high_res_regions=2)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        engine.segment(np.zeros((100, 130, 3), np.uint8))
+    result = engine.segment(np.zeros((100, 130, 3), np.uint8))
+    assert result.labels.shape == (100, 130) and result.network_size == (104, 128)
+    assert result.regions.shape == (2, 2) and result.region_size == 64
+    with pytest.raises(ValueError, match="sub24 head"):
+        sparse_logits(ICNet(ModelConfig(num_classes=3, aux_heads=False)).eval(), torch.zeros(1, 3, 64, 64), 1)
     with pytest.raises(ValueError, match="high_res_regions must be 0"):
         engine.high_res_regions = -1
     with pytest.raises(ValueError, match="no gate"):
         SegmentationEngine(trained_bn_model(), device="cpu", high_res_regions=2, region_selector="gate")
+
+
+def test_regions_set_at_runtime_carry_the_gates_region_size_and_a_failed_call_leaks_none():
+    engine = SegmentationEngine(gated_model(region_size=32), device="cpu", input_size=None)  # dense at first
+    frame = np.random.default_rng(1).integers(0, 256, (128, 256, 3), dtype=np.uint8)
+    engine.high_res_regions = 2
+    result = engine.segment(frame)
+    assert result.region_size == 32 and result.regions.shape == (4, 8) and result.regions_computed == 2
+    real_labels = engine.stages.labels
+
+    def failing_labels(*args):  # a failure after the sparse forward (say, out of memory in postprocess)
+        raise RuntimeError("out of memory")
+
+    object.__setattr__(engine.stages, "labels", failing_labels)
+    with pytest.raises(RuntimeError):
+        engine.segment(frame)
+    object.__setattr__(engine.stages, "labels", real_labels)
+    engine.high_res_regions = 0
+    assert engine.segment(frame).regions is None  # the failed call's regions went nowhere
+
+
+def test_a_gated_model_is_not_pruned_silently():
+    from icnet_ros.model.prune import prune_model
+
+    with pytest.raises(ValueError, match="spatial-sparsity gate"):
+        prune_model(ICNet(ModelConfig(keep_rate=0.5, gate_region_size=64)), 0.25)
 
 
 def test_sparse_costs_fewer_multiply_adds_the_fewer_regions_it_computes():

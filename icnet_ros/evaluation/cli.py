@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.label_map else f" (labels of another class map? --label-map takes {available_label_maps()})"
         print(f"icnet-evaluate: {error}{hint}", file=sys.stderr)
         return 1
+    except ValueError as error:  # a setting the model cannot run (sparse regions on it, say)
+        print(f"icnet-evaluate: {error}", file=sys.stderr)
+        return 1
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
               "label_map": args.label_map, "input_size": args.input_size, "images": len(dataset),
               "high_res_regions": args.high_res_regions,

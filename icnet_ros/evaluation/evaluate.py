@@ -16,7 +16,7 @@ from icnet_ros.classmap import ClassMap
 from icnet_ros.evaluation.metrics import ConfusionMatrix
 from icnet_ros.model.icnet import BRANCHES, ICNet, upsample
 from icnet_ros.model.preprocess import image_to_input, network_size
-from icnet_ros.model.sparsity import sparse_logits
+from icnet_ros.model.sparsity import sparse_input_size, sparse_logits
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ def predict_branches(model: ICNet, image: np.ndarray, branches: Iterable[str], d
     """
     height, width = image.shape[:2]
     size = network_size((height, width), model.config.input_size if input_size is None else input_size)
+    if sparse is not None:
+        size = sparse_input_size(*size)
     network_input = image_to_input(image, model.config, device, size=size)
     if sparse is not None:
         logits = {"sub124": sparse_logits(model, network_input, sparse.regions, sparse.selector,

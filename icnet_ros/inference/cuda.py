@@ -191,6 +191,8 @@ class CudaRunner:
     def prepare(self, plan: Plan) -> None:
         """Allocate and capture everything `plan` needs now (start-up), not on its first frame; off the
         hot path, so it may evict the least recently used shape to make room."""
+        if plan.high_res_regions:
+            return  # sparse forwards run eagerly (submit): nothing to capture or keep
         with torch.cuda.device(self.device):
             self.cache.entry(plan)
 
@@ -201,7 +203,8 @@ class CudaRunner:
         release synchronizes the device) while frames flow.
         """
         with torch.cuda.device(self.device):
-            entry = self.cache.entry(plan, hot=True)
+            # a sparse forward hands its choice of regions to the engine: never captured, no cache slot
+            entry = None if plan.high_res_regions else self.cache.entry(plan, hot=True)
             own = None
             if entry is None:
                 own = entry = self._uncached(plan)

@@ -46,7 +46,7 @@ from icnet_ros.inference.timing import StageTimings
 from icnet_ros.inference.upsample import upsample_argmax
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import ICNet, check_branch
-from icnet_ros.model.sparsity import check_sparse_input, resolve_selector, sparse_logits
+from icnet_ros.model.sparsity import resolve_selector, sparse_input_size, sparse_logits
 from icnet_ros.model.preprocess import network_size, normalization_constants, normalize, resize_input
 from icnet_ros.visualization import alpha_weight, colorize_torch, overlay_torch, palette_tensor
 
@@ -355,8 +355,12 @@ class SegmentationEngine:
         be reused as soon as submit returns (they are copied). Handles may be collected in any order.
         """
         batch, single, plan = self._plan(frames, channel_order, labels, color, overlay)
-        work = self._runner.submit(batch, plan, self._alpha_for(alpha))
-        regions, self._chosen = self._chosen, None
+        self._chosen = None
+        try:
+            work = self._runner.submit(batch, plan, self._alpha_for(alpha))
+            regions = self._chosen  # this call's own: set by its forward, inside submit
+        finally:
+            self._chosen = None  # a failed call's choice never reaches the next call
         return Pending(plan, single, work, regions=regions)
 
     def collect(self, pending: Pending) -> Segmentation | list[Segmentation]:
@@ -371,10 +375,9 @@ class SegmentationEngine:
         pending.work = None
         results = self._split(outputs, pending.plan, timings)
         if pending.regions is not None:
-            regions = pending.regions.cpu().numpy()
-            for result, chosen in zip(results, regions):
-                result.regions, result.network_size = chosen, pending.plan.network_size
-                result.region_size = self.region_size
+            chosen, region_size = pending.regions
+            for result, regions in zip(results, chosen.cpu().numpy()):
+                result.regions, result.network_size, result.region_size = regions, pending.plan.network_size, region_size
         return results[0] if pending.single else results
 
     def segment_stream(self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], **options
@@ -459,7 +462,7 @@ class SegmentationEngine:
         if plan.high_res_regions:
             result = sparse_logits(self.weights(plan.precision), x, plan.high_res_regions, self.region_selector,
                                    self.region_size)
-            self._chosen = result.chosen
+            self._chosen = (result.chosen, result.grid.size)
             return result.logits
         return self._network(plan.precision)(x, plan.branch)
 
@@ -512,7 +515,7 @@ class SegmentationEngine:
         net_height, net_width = network_size(batch.shape[1:3], self.input_size)
         regions = self.high_res_regions if self.branch == "sub124" else 0
         if regions:
-            check_sparse_input(net_height, net_width)
+            net_height, net_width = sparse_input_size(net_height, net_width)
         plan = Plan(batch.shape[0], batch.shape[1], batch.shape[2], self.branch, self.precision,
                     check_channel_order(channel_order), bool(labels), bool(color), bool(overlay), self.upsample,
                     net_height, net_width, regions)

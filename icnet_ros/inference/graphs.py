@@ -132,8 +132,7 @@ class GraphCache:
             self._evict()
         entry = Entry(plan.forward_key, self.capturer.allocate(plan))
         self._entries[entry.key] = entry
-        # sparse high-resolution regions hand their choice to the engine from the eager forward
-        if self.use_graphs and entry.key not in self._failed and not plan.high_res_regions:
+        if self.use_graphs and entry.key not in self._failed:
             entry.forward_graph = self._try(entry.key, plan, "forward",
                                             lambda: self.capturer.capture_forward(entry.state, plan))
         return entry

@@ -147,7 +147,7 @@ class Pending:
     single: bool
     work: Any  # the runner's own record of the call
     collected: bool = False
-    regions: Any = None  # sparse calls: (N, rows, cols) bool tensor of the regions computed
+    regions: Any = None  # sparse calls: ((N, rows, cols) bool tensor of the regions computed, region size)
 
 
 class EagerRunner:

@@ -96,6 +96,10 @@ def prune_model(model: ICNet, keep_rate: float) -> ICNet:
     """A new ICNet at `keep_rate` holding the strongest filters (by L1 norm) of `model`."""
     if keep_rate > model.config.keep_rate:
         raise ValueError(f"cannot prune from keep rate {model.config.keep_rate} up to {keep_rate}")
+    if model.config.gate_region_size:
+        raise ValueError("this model has a spatial-sparsity gate, which pruning does not carry over: prune the "
+                         "model without a gate, then fine-tune with gate_region_size (config/train/"
+                         "camvid_sparse_cpu.yaml)")
     target = ICNet(replace(model.config, keep_rate=keep_rate))
     groups = channel_groups(model)
     target_modules = dict(target.named_modules())

@@ -156,6 +156,12 @@ class SparseResult:
     grid: RegionGrid
 
 
+def sparse_input_size(height: int, width: int) -> tuple[int, int]:
+    """The network input size sparse inference runs at: each side to the nearest multiple of 8 (the
+    crops start on the 1/8 grid); frames are resized to it and labels come back at the frame's size."""
+    return tuple(max(4 * CELL, int(side / CELL + 0.5) * CELL) for side in (height, width))  # ties up
+
+
 def check_sparse_input(height: int, width: int) -> None:
     if height % CELL or width % CELL:
         raise ValueError(f"sparse high-resolution regions need a network input whose height and width are "
@@ -230,14 +236,14 @@ def compose(trunk: Trunk, picked: torch.Tensor, fine: torch.Tensor | None) -> Sp
 
 
 def resolve_selector(model, selector: str) -> str:
+    if model.cff_124.aux_classifier is None:
+        raise ValueError("sparse regions need the sub24 head (regions left out take its prediction); this network "
+                         "has no auxiliary heads (an imported Caffe evaluation net)")
     has_gate = getattr(model, "region_gate", None) is not None
     if selector == "auto":
         return "gate" if has_gate else "entropy"
     if selector not in SELECTORS:
         raise ValueError(f"region selector must be 'auto' or one of {list(SELECTORS)}, got {selector!r}")
-    if model.cff_124.aux_classifier is None:
-        raise ValueError("sparse regions need the sub24 head (regions left out take its prediction); this network "
-                         "has no auxiliary heads (an imported Caffe evaluation net)")
     if selector == "gate" and not has_gate:
         raise ValueError("this network has no gate (train one with gate_region_size); use the 'entropy' selector")
     return selector

@@ -62,7 +62,7 @@ class NodeConfig:
     high_res_regions: int = _field(
         0, "Spatial sparsity: 0 runs the network densely; k > 0 runs sub124's high-resolution path only in the k "
         "regions per frame where it helps most (a gated checkpoint's gate, else sub24's entropy), so the time per "
-        "frame is fixed. The network input must be a multiple of 8 each way; torch backend.", dynamic=True,
+        "frame is fixed. It runs the network at the nearest multiple of 8 each way; torch backend.", dynamic=True,
         value_range=(0, 4096))
     cpu_threads: int = _field(0, "PyTorch CPU threads; 0 keeps PyTorch's default.", value_range=(0, 256))
     backend: Literal["auto", "torch", "tensorrt"] = _field(

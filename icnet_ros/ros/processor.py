@@ -162,8 +162,8 @@ class FrameProcessor:
 
     def _submit(self, work: Work, group: list[_Converted]) -> None:
         computed = {MESSAGE_OUTPUTS[message] for message in group[0].wanted}
-        if computed == {REGIONS}:  # the regions come with any output: the cheapest one
-            computed = {"labels"}
+        if computed == {REGIONS}:  # regions come with any output (the cheapest), and only from a sparse call
+            computed = {"labels"} if work.config.high_res_regions and work.config.branch == "sub124" else set()
         if not computed:  # nobody listens to any image of these cameras: compute nothing
             work.batches.append((group, None))
             return

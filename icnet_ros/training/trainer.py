@@ -282,13 +282,13 @@ class Stage:
                 for branch, value in per_branch.items():
                     writer.add_scalar(f"train/loss_{branch}", value.item(), self.iteration)
                 if "gate" in outputs:  # the mean coarse-to-fine weight: where the sparsity term holds it
-                    writer.add_scalar("train/gate_active", self.gate_active, self.iteration)
+                    writer.add_scalar("train/gate_active", self.gate_active.item(), self.iteration)
         return lr
 
     def _gate_loss(self, scores: torch.Tensor) -> torch.Tensor:
         """The sparsity term; advances the gate's moving average q (kept in the model's state)."""
         gate = self.model.region_gate
-        self.gate_active = float(torch.sigmoid(scores.detach()).mean())
+        self.gate_active = torch.sigmoid(scores.detach()).mean()  # read (a sync on CUDA) only when logged
         loss, gate.active_mean = sparsity_loss(scores, gate.active_mean, self.config.gate_target_active,
                                                self.config.gate_sparsity_weight)
         return loss
@@ -388,6 +388,9 @@ def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingDat
 
 def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
     """A fresh ICNet, or the init_from checkpoint at its own width (training_stages prunes it)."""
+    if config.gate_region_size and config.compress_schedule:
+        raise ValueError("a region gate is added after compression: run compress_schedule without "
+                         "gate_region_size, then fine-tune the pruned model with the gate")
     if config.init_classes_from and not config.init_from:
         raise ValueError(f"init_classes_from {config.init_classes_from!r} re-heads the init_from checkpoint, but "
                          "init_from is empty; give the checkpoint to start from")
@@ -396,9 +399,12 @@ def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
     elif config.init_from:
         model = load_model(config.init_from, expected_num_classes=class_map.num_classes)
     else:
-        return ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
-                                 class_map=class_map.name, input_size=config.image_size,
-                                 gate_region_size=config.gate_region_size))
+        model = ICNet(ModelConfig(num_classes=class_map.num_classes, keep_rate=config.keep_rate,
+                                  class_map=class_map.name, input_size=config.image_size,
+                                  gate_region_size=config.gate_region_size))
+        if model.region_gate is not None:
+            model.region_gate.active_mean.fill_(config.gate_target_active)
+        return model
     model = with_gate(model, config)
     if model.config.keep_rate < config.keep_rate:
         raise ValueError(f"init_from {config.init_from} has keep rate {model.config.keep_rate}, narrower "
