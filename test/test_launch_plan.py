@@ -209,9 +209,11 @@ def test_the_shipped_dds_settings_ask_for_16_mib_socket_buffers():
     assert not cyclone.findall(".//c:NetworkInterface", namespace)  # never pins an interface
     fastdds = ElementTree.parse(config_dir() / "dds" / "fastdds_large_images.xml").getroot()
     namespace = {"f": "http://www.eprosima.com/XMLSchemas/fastRTPS_Profiles"}
-    sizes = [int(e.text) for e in fastdds.iter() if e.tag.endswith("receiveBufferSize")]
-    assert sizes == [launch_plan.LARGE_IMAGE_SOCKET_BUFFER]
+    sizes = [int(e.text) for e in fastdds.iter() if e.tag.endswith(("sendSocketBufferSize", "listenSocketBufferSize"))]
+    assert sizes == [launch_plan.LARGE_IMAGE_SOCKET_BUFFER] * 2
     assert fastdds.find("f:participant", namespace).get("is_default_profile") == "true"
+    # a UDP transport of its own would bind every interface even under ROS_LOCALHOST_ONLY=1
+    assert [e.text for e in fastdds.iter() if e.tag.endswith("type")] == ["SHM"]
 
 
 def _image_topics(rviz_path: Path) -> dict[str, str]:

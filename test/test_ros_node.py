@@ -458,6 +458,17 @@ def test_rviz_asked_for_where_it_is_not_installed_starts_nothing():
 
 
 @pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
+def _param_get(node: str, name: str, attempts: int = 10) -> str:
+    """`ros2 param get --no-daemon`, asked again while it does not find the node: the CLI waits only
+    half a second for discovery, and a fresh Fast DDS participant sometimes needs two."""
+    for _ in range(attempts):
+        result = subprocess.run(["ros2", "param", "get", "--no-daemon", node, name], capture_output=True, text=True,
+                                timeout=60, check=False)
+        if "Node not found" not in result.stdout + result.stderr:
+            return result.stdout.strip()
+    return result.stdout.strip() + result.stderr.strip()
+
+
 def test_a_users_parameter_file_is_not_overridden_by_launch_defaults(tmp_path):
     """The first real run: params_file:= with branch: sub4 gave a node running sub124."""
     mine = tmp_path / "mine.yaml"
@@ -468,9 +479,7 @@ def test_a_users_parameter_file_is_not_overridden_by_launch_defaults(tmp_path):
         while "segmenting /params_cam/image_raw" not in output:
             assert time.monotonic() < deadline and launch.poll() is None, output
             output += launch.stdout.readline()
-        command = ["ros2", "param", "get", "--no-daemon", "/params_cam/icnet_segmentation"]
-        values = {name: subprocess.run([*command, name], capture_output=True, text=True, timeout=60,
-                                       check=False).stdout.strip()
+        values = {name: _param_get("/params_cam/icnet_segmentation", name)
                   for name in ("branch", "device", "publish_overlay", "keep_rate")}
     finally:
         os.killpg(launch.pid, signal.SIGINT)

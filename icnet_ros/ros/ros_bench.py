@@ -226,13 +226,35 @@ def publish_cost(args, node_arguments: list[str]) -> dict:
             "node_exit_code": code, "exit_s": round(seconds, 2)}
 
 
+def dds_config_environment(dds_config: str, rmw: str, environ: dict[str, str],
+                           own_file: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The node's environment for --dds-config, as segment.launch.py gives it, for the DDS in use (`rmw`):
+    Cyclone's file appended to CYCLONEDDS_URI; Fast DDS's as FASTRTPS_DEFAULT_PROFILES_FILE unless one is
+    set already (Fast DDS reads one file: it is kept). `own_file` replaces the package's file and one already
+    set (a copy tuned to a machine). Also returns what was used: rmw, variable, file."""
+    cyclone, fastdds = (Path(own_file) if own_file else config_dir() / "dds" / name
+                        for name in DDS_CONFIGS[dds_config])
+    if rmw.startswith("rmw_cyclonedds"):
+        uri = ",".join(filter(None, [environ.get("CYCLONEDDS_URI", "").strip(), f"file://{cyclone}"]))
+        return {"CYCLONEDDS_URI": uri}, {"rmw": rmw, "variable": "CYCLONEDDS_URI", "file": str(cyclone)}
+    if rmw.startswith("rmw_fastrtps"):
+        variable = "FASTRTPS_DEFAULT_PROFILES_FILE"
+        if environ.get(variable) and not own_file:
+            return {}, {"rmw": rmw, "variable": variable, "file": environ[variable], "kept": "already set"}
+        return {variable: str(fastdds)}, {"rmw": rmw, "variable": variable, "file": str(fastdds)}
+    raise SystemExit(f"--dds-config: icnet_ros has no {dds_config} settings for {rmw}")
+
+
 def dds_loss(args, node_arguments: list[str]) -> dict:
-    """Frames sent best effort at `rate` that never reached the node, read from its diagnostics."""
-    environment = {}
+    """Frames sent best effort at `rate` that never reached the node, read from its diagnostics.
+    --dds-config gives its settings to the node only, as the launch does (a camera driver would not get
+    them); the camera in this process has what this process's environment gives it."""
+    if args.dds_config_file and not args.dds_config:
+        raise SystemExit("--dds-config-file needs --dds-config")
+    rmw = rclpy.get_rmw_implementation_identifier()
+    environment, used = {}, {"rmw": rmw}
     if args.dds_config:
-        cyclone = config_dir() / "dds" / DDS_CONFIGS[args.dds_config][0]
-        base = os.environ.get("CYCLONEDDS_URI", "")
-        environment["CYCLONEDDS_URI"] = ",".join(filter(None, [base, f"file://{cyclone}"]))
+        environment, used = dds_config_environment(args.dds_config, rmw, dict(os.environ), args.dds_config_file)
     node = NodeProcess(["-p", "stall_timeout_s:=60.0", "-p", "publish_color:=false", "-p", "publish_overlay:=false",
                         *node_arguments], environment)
     node.wait_for("segmenting")
@@ -246,10 +268,12 @@ def dds_loss(args, node_arguments: list[str]) -> dict:
     bench.node.destroy_subscription(subscription)
     code, _ = node.stop()
     received = int(status.get("frames_received", 0))
+    camera = {variable: os.environ[variable] for variable in ("CYCLONEDDS_URI", "FASTRTPS_DEFAULT_PROFILES_FILE")
+              if os.environ.get(variable)}
     return {"size": f"{args.size[0]}x{args.size[1]}", "rate_hz": args.rate, "sent": args.count,
             "received": received, "lost": args.count - received, "node_reported_missing": status.get("frames_missing"),
-            "dds_config": args.dds_config or "environment only", "cyclonedds_uri": environment.get(
-                "CYCLONEDDS_URI", os.environ.get("CYCLONEDDS_URI", "")), "node_exit_code": code}
+            "dds_config": args.dds_config or "environment only", "node_dds_settings": used,
+            "node_environment": environment, "camera_environment": camera, "node_exit_code": code}
 
 
 def soak(args, node_arguments: list[str]) -> dict:
@@ -306,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss = commands.add_parser("dds-loss", help="frames lost between a best-effort camera and the node")
     loss.add_argument("--count", type=int, default=100)
     loss.add_argument("--rate", type=float, default=5.0)
-    loss.add_argument("--dds-config", choices=sorted(DDS_CONFIGS), help="add the package's DDS settings")
+    loss.add_argument("--dds-config", choices=sorted(DDS_CONFIGS), help="give the node the package's DDS "
+                      "settings for the DDS in use (RMW_IMPLEMENTATION), as segment.launch.py does")
+    loss.add_argument("--dds-config-file", help="with --dds-config: this file instead of the package's")
     soak_parser = commands.add_parser("soak", help="many frames: memory, threads, nothing stuck, clean exit")
     soak_parser.add_argument("--count", type=int, default=10000)
     soak_parser.add_argument("--rate", type=float, default=30.0)
