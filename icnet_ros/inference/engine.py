@@ -20,6 +20,9 @@ What it does per call:
   CPU, a dense upsample on CUDA where it is cheap and capturable), colors and overlay on the
   device, each computed only when asked for (plan.py);
 - download: only the outputs asked for, as uint8 (or uint16 labels for big class maps).
+- sparse (high_res_regions = k > 0, model/sparsity.py): sub124's high-resolution path runs in the
+  k best regions per frame only, eagerly (never captured: the choice of regions goes back with the
+  call's results, Segmentation.regions).
 
 The runners get the computation as callables (plan.Stages): EagerRunner on CPU, cuda.CudaRunner on
 CUDA (streams, double buffers, CUDA graphs in a bounded cache, graphs.py). Everything else in this
@@ -74,8 +77,8 @@ class Segmentation:
     overlay: np.ndarray | None = None
     timings: StageTimings = field(default_factory=StageTimings)
     batch_size: int = 1
-    # sparse high-resolution regions (engine.high_res_regions > 0): (rows, cols) bool, the regions of
-    # network_region_size network-input pixels where the high-resolution path ran; None when dense
+    # sparse high-resolution regions (engine.high_res_regions > 0): (rows, cols) bool, the squares of
+    # region_size pixels of the network input (network_size) where the high-resolution path ran; None when dense
     regions: np.ndarray | None = None
     network_size: tuple[int, int] | None = None
     region_size: int = 0
