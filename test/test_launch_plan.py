@@ -27,6 +27,36 @@ def plan(values, available=("ros2bag", "rviz2"), environ=None, **options):
     return plan_launch(values, package_available=installed(*available), environ=environ or {}, **options)
 
 
+def write_bag_metadata(bag: Path, topics=(("/camera/image_raw", "sensor_msgs/msg/Image"),)) -> Path:
+    """A rosbag2 folder's metadata.yaml naming `topics` (name, type): what the launch reads of a bag."""
+    bag.mkdir(parents=True, exist_ok=True)
+    entries = [{"message_count": 1, "topic_metadata": {"name": name, "type": kind, "serialization_format": "cdr"}}
+               for name, kind in topics]
+    (bag / "metadata.yaml").write_text(yaml.safe_dump({"rosbag2_bagfile_information": {
+        "topics_with_message_count": entries}}))
+    return bag
+
+
+def test_a_bag_without_image_topic_makes_the_node_listen_to_the_bags_camera(tmp_path):
+    """The first real RViz run: bag:= alone left the node and RViz on /image while the bag played
+    /camera/image_raw, and every display said No Image."""
+    bag = write_bag_metadata(tmp_path / "drive", [("/front/image_raw", "sensor_msgs/msg/Image"),
+                                                  ("/front/camera_info", "sensor_msgs/msg/CameraInfo")])
+    result = plan({"bag": str(bag)})
+    assert result.remappings == [("image", "/front/image_raw")] and result.namespace == "/front"
+    assert plan({"bag": str(bag), "image_topic": "/other/image"}).remappings == [("image", "/other/image")]
+    two = write_bag_metadata(tmp_path / "two", [("/a/image", "sensor_msgs/msg/Image"),
+                                                ("/b/image", "sensor_msgs/msg/Image")])
+    with pytest.raises(ConfigError, match=r"2 camera image topics \['/a/image', '/b/image'\].*image_topic:="):
+        plan({"bag": str(two)})
+    compressed = write_bag_metadata(tmp_path / "jpeg", [("/c/image_raw/compressed",
+                                                         "sensor_msgs/msg/CompressedImage")])
+    with pytest.raises(ConfigError, match="image_topic:=/c/image_raw input_transport:=compressed"):
+        plan({"bag": str(compressed)})
+    with pytest.raises(ConfigError, match="no sensor_msgs Image topic"):
+        plan({"bag": str(write_bag_metadata(tmp_path / "none", []))})
+
+
 @pytest.fixture
 def tiny_demo(tmp_path, monkeypatch):
     monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path))
@@ -74,7 +104,7 @@ def test_a_parameter_file_may_set_use_sim_time_and_the_bag_then_plays_the_clock(
     """use_sim_time is rclpy's own parameter, not the node's: a file setting it is valid, and it counts."""
     bag = tmp_path / "drive"
     bag.mkdir()
-    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    write_bag_metadata(bag)
     mine = tmp_path / "mine.yaml"
     mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"use_sim_time": True, "device": "cpu"}}}))
     result = plan({"params_file": str(mine), "bag": str(bag)})
@@ -127,7 +157,7 @@ def test_bad_arguments_fail_before_anything_starts(values, expected):
 def test_a_bag_is_played_in_a_loop_with_the_clock_under_sim_time(tmp_path):
     """A bag the launch plays sets the time by default: the first soak of demo:=true ran the node on
     wall time against a recording's stamps, so latency was NaN and /diagnostics warned of the clocks."""
-    (tmp_path / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    write_bag_metadata(tmp_path)
     result = plan({"bag": str(tmp_path)})
     assert result.bag_command == ["ros2", "bag", "play", str(tmp_path), "--loop", "--clock", "40"]
     assert result.use_sim_time and result.node_parameters["use_sim_time"] is True
@@ -146,7 +176,7 @@ def test_without_a_bag_the_node_keeps_the_wall_clock():
 def test_a_parameter_file_that_says_use_sim_time_false_wins_over_the_bag_default(tmp_path):
     bag = tmp_path / "drive"
     bag.mkdir()
-    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    write_bag_metadata(bag)
     mine = tmp_path / "mine.yaml"
     mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"use_sim_time": False}}}))
     result = plan({"params_file": str(mine), "bag": str(bag)})

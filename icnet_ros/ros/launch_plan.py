@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from icnet_ros.config import ConfigError
 from icnet_ros.model.registry import DEMO
 from icnet_ros.paths import config_dir
@@ -77,7 +79,8 @@ LAUNCH_ARGUMENTS = (
                    "launch arguments given override it."),
     LaunchArgument("rviz", "auto", "RViz with the package's view of the camera, overlay and colors: true, false, "
                    "or auto (for demo:=true where RViz is installed).", ("auto", "true", "false")),
-    LaunchArgument("bag", "", "A rosbag2 to play in a loop into the node (ros2 bag play --loop)."),
+    LaunchArgument("bag", "", "A rosbag2 to play in a loop into the node (ros2 bag play --loop); without "
+                   "image_topic the node listens to the bag's one camera image topic."),
     LaunchArgument("demo", "false", "Play the embedded synthetic drive as a bag in a loop (built on first use, "
                    "about 10 s), with RViz where it is installed.", ("true", "false")),
     LaunchArgument("use_sim_time", "", "Follow /clock (true/false); a bag is played with --clock when true. "
@@ -137,6 +140,8 @@ def plan_launch(values: dict[str, str], rviz_dir: Path | None = None,
     params_file = Path(values["params_file"]) if values["params_file"] else config_dir() / "segment.yaml"
     demo = parse_bool("demo", values["demo"])
     image_topic = values["image_topic"] or (_demo_topic() if demo else "")
+    if not image_topic and values["bag"] and _subscribes_to_default(params_file):
+        image_topic = bag_image_topic(values["bag"])  # the node listens where the bag plays
     parameters = _given_parameters(values)
     if demo and _demo_weights_fit(parameters, params_file):
         parameters["model"] = DEMO.name  # the synthetic drive is what the demo weights know
@@ -283,6 +288,34 @@ def _demo_bag() -> Path:
     from icnet_ros.demo import ensure_demo_bag
 
     return ensure_demo_bag()
+
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+
+
+def bag_image_topic(bag: str) -> str:
+    """The one camera image topic a bag holds (from its metadata.yaml), for bag:= without image_topic:=."""
+    metadata = Path(bag).expanduser() / "metadata.yaml"
+    if not metadata.is_file():
+        raise ConfigError(f"launch argument bag:={bag!r} is not a rosbag2 (a folder holding metadata.yaml)")
+    info = yaml.safe_load(metadata.read_text())["rosbag2_bagfile_information"]
+    topics = {entry["topic_metadata"]["name"]: entry["topic_metadata"]["type"]
+              for entry in info.get("topics_with_message_count") or []}
+    images = sorted(name for name, kind in topics.items() if kind == IMAGE_TYPES[0])
+    if len(images) == 1:
+        return images[0]
+    compressed = sorted(name for name, kind in topics.items() if kind == IMAGE_TYPES[1])
+    if not images and len(compressed) == 1:
+        raise ConfigError(f"bag:={bag} holds the compressed camera topic {compressed[0]}: add "
+                          f"image_topic:={compressed[0].removesuffix('/compressed')} input_transport:=compressed")
+    found = images or compressed
+    if not found:
+        raise ConfigError(f"bag:={bag} holds no sensor_msgs Image topic (topics: {sorted(topics)})")
+    raise ConfigError(f"bag:={bag} holds {len(found)} camera image topics {found}: say which one with image_topic:=")
+
+
+def _subscribes_to_default(params_file: Path) -> bool:
+    return read_ros_parameters(params_file).get("image_topics", [DEFAULT_IMAGE_NAME]) == [DEFAULT_IMAGE_NAME]
 
 
 def bag_play_command(bag: str, use_sim_time: bool) -> list[str]:
