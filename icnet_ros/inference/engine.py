@@ -49,8 +49,8 @@ from icnet_ros.inference.timing import StageTimings
 from icnet_ros.inference.upsample import upsample_argmax
 from icnet_ros.model.checkpoint import load_model
 from icnet_ros.model.icnet import ICNet, check_branch
-from icnet_ros.model.sparsity import resolve_selector, sparse_input_size, sparse_logits
 from icnet_ros.model.preprocess import network_size, normalization_constants, normalize, resize_input
+from icnet_ros.model.sparsity import resolve_selector, sparse_input_size, sparse_logits
 from icnet_ros.visualization import alpha_weight, colorize_torch, overlay_torch, palette_tensor
 
 LOG = logging.getLogger(__name__)

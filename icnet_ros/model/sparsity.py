@@ -297,13 +297,23 @@ def _upsample_window(x: torch.Tensor, start_h, start_w, out_h0, out_w0, block: i
     """The (block x block) piece at (out_h0, out_w0) of the corner-aligned upsample of a map of
     in_size to out_size, from x: (K, C, h, w) windows of that map starting at (start_h, start_w)."""
     steps = torch.arange(block, device=x.device)
-    lower, upper, weight = _corner_aligned_rows(out_h0[:, None] + steps, out_size[0], in_size[0])
-    k, c, _, w = x.shape
-    pick = lambda index: x.gather(2, (index - start_h[:, None])[:, None, :, None].expand(k, c, block, w))  # noqa: E731
-    rows = torch.lerp(pick(lower), pick(upper), weight[:, None, :, None].to(x.dtype))
-    lower, upper, weight = _corner_aligned_rows(out_w0[:, None] + steps, out_size[1], in_size[1])
-    pick = lambda index: rows.gather(3, (index - start_w[:, None])[:, None, None, :].expand(k, c, block, block))  # noqa: E731
-    return torch.lerp(pick(lower), pick(upper), weight[:, None, None, :].to(x.dtype))
+    rows = _interpolate_axis(x, 2, start_h, *_corner_aligned_rows(out_h0[:, None] + steps, out_size[0], in_size[0]))
+    return _interpolate_axis(rows, 3, start_w, *_corner_aligned_rows(out_w0[:, None] + steps, out_size[1],
+                                                                     in_size[1]))
+
+
+def _interpolate_axis(x: torch.Tensor, axis: int, start, lower, upper, weight) -> torch.Tensor:
+    """Linear interpolation of windows x along `axis` (2: rows, 3: columns) between the map's
+    `lower` and `upper` indices, (K, n) each, of windows starting at `start` (K,)."""
+    shape = [x.shape[0], 1, 1, 1]
+    shape[axis] = lower.shape[1]
+    size = list(x.shape)
+    size[axis] = lower.shape[1]
+
+    def pick(index):
+        return x.gather(axis, (index - start[:, None]).view(shape).expand(size))
+
+    return torch.lerp(pick(lower), pick(upper), weight.view(shape).to(x.dtype))
 
 
 def region_fine_logits(model, image: torch.Tensor, trunk: Trunk, picked: torch.Tensor) -> torch.Tensor:
