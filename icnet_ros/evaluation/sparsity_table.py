@@ -49,6 +49,11 @@ def region_counts(grid: RegionGrid, fractions) -> list[int]:
     return sorted({grid.regions_for(f) for f in fractions}, reverse=True)
 
 
+def network_input(model: ICNet, image: np.ndarray) -> torch.Tensor:
+    """The image as the network sees it: normalized, at the model's input size (as icnet-evaluate)."""
+    return image_to_input(image, model.config, "cpu", size=network_size(image.shape[:2], model.config.input_size))
+
+
 @torch.inference_mode()
 def accuracy(model: ICNet, dataset, class_map, selector: str, fractions, region_size: int) -> dict:
     """{k: mIoU report} over the dataset, k regions per image chosen by `selector`."""
@@ -57,8 +62,7 @@ def accuracy(model: ICNet, dataset, class_map, selector: str, fractions, region_
     for index in tqdm(range(len(dataset)), desc=f"sparsity {selector}", leave=False):
         sample = dataset[index]
         height, width = sample["image"].shape[:2]
-        image = image_to_input(sample["image"], model.config, "cpu",
-                               size=network_size((height, width), model.config.input_size))
+        image = network_input(model, sample["image"])
         trunk = run_trunk(model, image, selector, region_size)
         grid_shape = (trunk.grid.rows, trunk.grid.cols)
         order = trunk.scores.flatten(1).argsort(dim=1, descending=True)
@@ -79,8 +83,7 @@ def dense_accuracy(model: ICNet, dataset, class_map) -> dict:
     for index in tqdm(range(len(dataset)), desc="dense", leave=False):
         sample = dataset[index]
         height, width = sample["image"].shape[:2]
-        image = image_to_input(sample["image"], model.config, "cpu",
-                               size=network_size((height, width), model.config.input_size))
+        image = network_input(model, sample["image"])
         labels = upsample(model.branch_logits(image, "sub124").float(), (height, width)).argmax(1)[0]
         matrix.update(torch.from_numpy(np.asarray(sample["label"]).astype(np.int64)), labels)
     return matrix.report(class_map.names)
@@ -100,12 +103,12 @@ def conv_gmacs(model: ICNet, height: int, width: int, regions: int | None) -> fl
 
 def run(model: ICNet, image: torch.Tensor, regions: int | None):
     if regions is None:
-        return ICNet.branch_logits(model, image, "sub124") if model.region_gate is None else _released(model, image)
+        return _released(model, image)
     return sparse_logits(model, image, regions, "gate").logits
 
 
 def _released(model: ICNet, image: torch.Tensor) -> torch.Tensor:
-    """The released network's sub124 path (no gate) of a gated network: the dense reference cost."""
+    """The released network's sub124 path (the gate, if any, left out): the dense reference cost."""
     gate, model.region_gate = model.region_gate, None
     try:
         return model.branch_logits(image, "sub124")

@@ -71,11 +71,6 @@ class RegionGrid:
         """k for a fraction of the regions (N/4 -> 0.25), at least one unless fraction is 0."""
         return 0 if fraction <= 0 else max(1, min(self.count, round(self.count * fraction)))
 
-    def mask_image(self, chosen: torch.Tensor) -> torch.Tensor:
-        """(rows, cols) bool -> (height, width) bool, each region's pixels set when it was computed."""
-        full = chosen.repeat_interleave(self.size, 0).repeat_interleave(self.size, 1)
-        return full[: self.height, : self.width]
-
 
 class RegionGate(nn.Module):
     """One score per region from F_24: a tau x tau convolution with stride tau (paper, section 3.3).

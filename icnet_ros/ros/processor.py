@@ -138,7 +138,8 @@ class FrameProcessor:
         config = self.config
         self.engine.branch = config.branch
         self.engine.alpha = config.overlay_alpha
-        self.engine.high_res_regions = config.high_res_regions
+        if self.engine.high_res_regions != config.high_res_regions:  # validated when set: not per frame
+            self.engine.high_res_regions = config.high_res_regions
         work = Work(config, time.perf_counter())
         converted = []
         for frame in frames:
