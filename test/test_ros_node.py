@@ -392,6 +392,17 @@ def _ros2_launch(*arguments):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _param_get(node: str, name: str, attempts: int = 10) -> str:
+    """`ros2 param get --no-daemon`, asked again while it does not find the node: the CLI waits only
+    half a second for discovery, and a fresh Fast DDS participant sometimes needs two."""
+    for _ in range(attempts):
+        result = subprocess.run(["ros2", "param", "get", "--no-daemon", node, name], capture_output=True, text=True,
+                                timeout=60, check=False)
+        if "Node not found" not in result.stdout + result.stderr:
+            return result.stdout.strip()
+    return result.stdout.strip() + result.stderr.strip()
+
+
 def _our_processes():
     """PIDs of the node and the bag player started by a launch (pgrep), to prove nothing was left behind."""
     found = subprocess.run(["pgrep", "-f", "icnet_ros.ros.node|segment_node|ros2 bag play"], capture_output=True, check=False,
@@ -429,8 +440,7 @@ def test_demo_follows_the_bags_clock_so_latency_is_measured():
     output = ""
     try:
         output = _read_until(launch, "segmenting /camera/image_raw")
-        sim_time = subprocess.run(["ros2", "param", "get", "--no-daemon", "/camera/icnet_segmentation", "use_sim_time"],
-                                  capture_output=True, text=True, timeout=60, check=False).stdout.strip()
+        sim_time = _param_get("/camera/icnet_segmentation", "use_sim_time")
         timing = subprocess.run(["ros2", "topic", "echo", "--once", "/camera/segmentation/timing"],
                                 capture_output=True, text=True, timeout=120, check=False).stdout
     finally:
@@ -458,17 +468,6 @@ def test_rviz_asked_for_where_it_is_not_installed_starts_nothing():
 
 
 @pytest.mark.skipif(shutil.which("ros2") is None, reason="ros2 is not on PATH")
-def _param_get(node: str, name: str, attempts: int = 10) -> str:
-    """`ros2 param get --no-daemon`, asked again while it does not find the node: the CLI waits only
-    half a second for discovery, and a fresh Fast DDS participant sometimes needs two."""
-    for _ in range(attempts):
-        result = subprocess.run(["ros2", "param", "get", "--no-daemon", node, name], capture_output=True, text=True,
-                                timeout=60, check=False)
-        if "Node not found" not in result.stdout + result.stderr:
-            return result.stdout.strip()
-    return result.stdout.strip() + result.stderr.strip()
-
-
 def test_a_users_parameter_file_is_not_overridden_by_launch_defaults(tmp_path):
     """The first real run: params_file:= with branch: sub4 gave a node running sub124."""
     mine = tmp_path / "mine.yaml"
