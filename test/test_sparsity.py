@@ -23,6 +23,7 @@ from icnet_ros.model.sparsity import (
     sparse_logits,
     sparsity_loss,
 )
+from icnet_ros.paths import asset_path
 
 
 @functools.cache  # built once per test run; tests only read it
@@ -203,7 +204,7 @@ def test_checkpoints_record_the_gate_and_old_checkpoints_load_without_one(tmp_pa
     image = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(loaded.branch_logits(image), gated.branch_logits(image))
-    plain = load_model("icnet_ros/assets/camvid_keep0.25.safetensors")
+    plain = load_model(asset_path("camvid_keep0.25.safetensors"))  # not cwd-relative: ctest runs in the build dir
     assert plain.config.gate_region_size == 0 and plain.region_gate is None
     with pytest.raises(ValueError, match="multiple of 16"):
         ModelConfig(gate_region_size=100)
