@@ -69,15 +69,18 @@ def test_the_bundled_cityscapes_model_is_the_documented_one():
     assert (config.class_map, config.keep_rate, config.num_classes, config.input_size) == ("cityscapes", 0.25, 19,
                                                                                           (720, 0))
     train_config = provenance["train_config"]
-    assert provenance["iteration"] == train_config["iterations"] == 8000
+    assert provenance["iteration"] == train_config["iterations"] == 1500  # stage 2, on stage 1's 8000
     # both data sources: CamVid's real frames as label sets, synthetic drives with exact labels
     assert [(d["dataset"], d["label_sets"], d["per_batch"]) for d in provenance["data"]] == [
-        ("camvid", "cityscapes_to_camvid", 6), ("cityscapes", None, 2)]
+        ("camvid", "cityscapes_to_camvid", 7), ("cityscapes", None, 1)]
     assert train_config["mix"][0]["data_root"] == "data/synthetic_drives"
-    # lineage: re-headed from the bundled CamVid model, itself stage 2 of a from-scratch run
-    assert train_config["init_from"] == "icnet_ros/assets/camvid_keep0.25.safetensors"
-    assert train_config["init_classes_from"] == "cityscapes_to_camvid"
-    assert provenance["init_from_provenance"]["train_config"]["init_from"] == "runs/camvid_cpu/model.safetensors"
+    # lineage: stage 1 re-headed the bundled CamVid model, itself stage 2 of a from-scratch run
+    assert train_config["init_from"] == "runs/cityscapes_cpu/model.safetensors"
+    stage1 = provenance["init_from_provenance"]
+    assert stage1["iteration"] == 8000 and [d["per_batch"] for d in stage1["data"]] == [6, 2]
+    assert stage1["train_config"]["init_from"] == "icnet_ros/assets/camvid_keep0.25.safetensors"
+    assert stage1["train_config"]["init_classes_from"] == "cityscapes_to_camvid"
+    assert stage1["init_from_provenance"]["train_config"]["init_from"] == "runs/camvid_cpu/model.safetensors"
     assert provenance["stored_as"] == "float16" and cityscapes_weights().stat().st_size < 10 * 2**20
 
 
