@@ -42,7 +42,7 @@ def test_demo_weights_are_the_documented_model():
 
 
 def test_the_bundled_camvid_model_is_the_documented_one():
-    config, state, provenance = read_checkpoint(camvid_weights())
+    config, _state, provenance = read_checkpoint(camvid_weights())
     assert (config.class_map, config.keep_rate, config.num_classes, config.input_size) == ("camvid", 0.25, 11,
                                                                                           (720, 0))
     train_config = provenance["train_config"]

@@ -51,7 +51,8 @@ CAMVID_SPARSE = BundledModel("camvid_sparse", "camvid_sparse_keep0.25.safetensor
 CITYSCAPES = BundledModel("cityscapes", "cityscapes_keep0.25.safetensors", "cityscapes", 0.25, False,
                           "icnet-make-drives --out data/synthetic_drives --splits train=400 --height 512 --width 1024 "
                           "&& icnet-train --config config/train/cityscapes_cpu.yaml data_root=<CamVid (SegNet layout)> "
-                          "&& python -m icnet_ros.model.checkpoint runs/cityscapes_cpu/model.safetensors "
+                          "&& icnet-train --config config/train/cityscapes_settle_cpu.yaml data_root=<CamVid (SegNet layout)> "
+                          "&& python -m icnet_ros.model.checkpoint runs/cityscapes_settle/model.safetensors "
                           "cityscapes_keep0.25.safetensors --fp16")
 # the first bundled model of a dataset and keep rate is the one selected by them
 BUNDLED_MODELS = (CITYSCAPES, CAMVID, CAMVID_SPARSE, DEMO)
