@@ -425,9 +425,16 @@ def test_demo_runs_headless_where_rviz_is_not_installed(tmp_path):
     output = ""
     try:
         output = _read_until(launch, "segmenting /camera/image_raw")
+        # a segmented frame, headless; it also lets the launch finish starting up: a SIGINT while it
+        # still handles start-up events ends `ros2 launch` with 1 ("Task was destroyed but it is
+        # pending!", seen on Jazzy's launch 3.4.3) though every process exits cleanly
+        timing = subprocess.run(["ros2", "topic", "echo", "--once", "--no-daemon", "/camera/segmentation/timing",
+                                 "icnet_ros/msg/SegmentationTiming"], capture_output=True, text=True, timeout=180,
+                                check=False)
     finally:
         os.killpg(launch.pid, signal.SIGINT)
         output += launch.communicate(timeout=60)[0]
+    assert timing.returncode == 0 and "regions_total" in timing.stdout, timing.stdout + timing.stderr + output
     assert launch.returncode == 0, output
     assert not _our_processes(), output
 
