@@ -183,7 +183,8 @@ steps = [dict(zip(("step", "status", "seconds"), line.split("\t")))
          for line in (work / "steps.tsv").read_text().splitlines() if line]
 summary = {"seconds": seconds, "steps": steps, "agreement": {
     name: {"overall": report["overall"], "target": report["target"], "passed": report["passed"],
-           "batches": {row["batch"]: row["agreement_with_batch_1"] for row in report.get("batches", [])}}
+           "batches": {row["batch"]: {"agreement": row["agreement"], "with_batch_1": row["agreement_with_batch_1"]}
+                       for row in report.get("batches", [])}}
     for name, report in agreement.items()}}
 headline = out / "bench_headline.json"
 if headline.is_file():

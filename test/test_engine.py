@@ -331,6 +331,22 @@ def test_gpu_check_runs_on_cpu_comparing_fp32_engine_with_eager(tmp_path, capsys
     assert '"overall": 1.0' in report.read_text()
 
 
+def test_gpu_check_fails_a_batch_size_whose_frames_get_each_others_labels(tmp_path, monkeypatch, capsys):
+    """What a misaligned or mixed-up batch looks like: every frame labelled as another one."""
+    model = trained_bn_model(keep_rate=0.25, num_classes=19, class_map="cityscapes")
+    checkpoint = save_model(tmp_path / "m.safetensors", model)
+    write_frames(tmp_path / "frames", 3)
+    batched = gpu_check.batched_labels
+    monkeypatch.setattr(gpu_check, "batched_labels",
+                        lambda engine, frames, size: batched(engine, frames[1:] + frames[:1], size))
+    code = gpu_check.main([str(tmp_path / "frames"), "--checkpoint", str(checkpoint), "--device", "cpu",
+                           "--batches", "2"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "target 99.50 %: PASS" in printed  # batch 1 itself is right
+    assert "batch 2: " in printed and "FAIL" in printed.split("batch 2: ")[1]
+
+
 def test_gpu_check_compares_at_the_frame_size_for_a_checkpoint_with_an_input_size(tmp_path, capsys):
     """The bundled models (and imported weights) store an input size: the network runs smaller than
     the frame and the engine's labels come back at the frame's size; the reference must too."""
@@ -348,8 +364,9 @@ def test_gpu_check_compares_at_the_frame_size_for_a_checkpoint_with_an_input_siz
     result = json.loads(report.read_text())
     assert result["frame_size"] == [64, 96] and result["network_size"] == [48, 72]
     assert result["overall"] == 1.0 and len(result["frames"]) == 3
-    assert [(row["batch"], row["agreement_with_batch_1"]) for row in result["batches"]] == [(2, 1.0), (3, 1.0)]
-    assert "network 48x72" in printed and "batch 3 vs batch 1" in printed
+    assert [(row["batch"], row["agreement"], row["agreement_with_batch_1"], row["passed"])
+            for row in result["batches"]] == [(2, 1.0, 1.0, True), (3, 1.0, 1.0, True)]
+    assert "network 48x72" in printed and "batch 3: 100.0000 % of pixels agree with eager fp32" in printed
     # the reference really is the eager model at the network size, upsampled to the frame
     frame = cv2.cvtColor(cv2.imread(str(min((tmp_path / "frames").iterdir()))), cv2.COLOR_BGR2RGB)
     engine = SegmentationEngine.from_checkpoint(checkpoint, device="cpu")

@@ -184,8 +184,24 @@ class CudaRunner:
             with contextlib.suppress(Exception):
                 graph.reset()
             self.capture_stream = torch.cuda.Stream(self.device)  # a fresh one: no trace of the failed capture
+            self._end_generator_capture()
             raise
         return graph, output
+
+    def _end_generator_capture(self) -> None:
+        """Clear the mark a failed capture leaves on the device's random number generator.
+
+        torch.cuda.graph marks the default CUDA generator as capturing when a capture begins and unmarks
+        it only when the capture ends well; after a failed one every later random op on the device (our
+        own warm-up input for the next shape, and any of the user's) raises "Offset increment outside
+        graph capture encountered unexpectedly" (seen on an H200, torch 2.11). Capturing one trivial
+        graph runs the generator's begin/end pair again and leaves it unmarked."""
+        scratch = torch.zeros(1, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        with contextlib.suppress(Exception):  # best effort: the capture's own error is the one to report
+            with torch.inference_mode(), torch.cuda.graph(graph, stream=self.capture_stream):
+                scratch.add_(1)
+            graph.reset()
 
     # --- the engine's calls ------------------------------------------------------------------------
     def prepare(self, plan: Plan) -> None:
