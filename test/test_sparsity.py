@@ -242,3 +242,57 @@ def test_evaluation_scores_what_fast_inference_computes():
     none = predict_branches(model, image, ["sub124"], "cpu", sparse=SparseRegions(0))["sub124"]
     assert every.shape == none.shape == (128, 256)
     assert (every == dense).float().mean() > 0.999 and (none != dense).any()
+
+
+# --- the quarter-size sub4 variant's measurement (evaluation/quarter_variant.py) -------------------
+def test_the_quarter_variant_bound_is_sub124_where_computed_and_sub4_elsewhere():
+    from icnet_ros.evaluation.quarter_variant import sub4_trunk
+
+    model = trained_bn_model().eval()
+    image = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        trunk = sub4_trunk(model, image, 64)
+        order = trunk.scores.flatten(1).argsort(dim=1, descending=True)
+        fine = region_fine_logits(model, image, trunk, order)
+        every = compose(trunk, order, fine).logits
+        none = compose(trunk, order[:, :0], None).logits
+        dense = model.branch_logits(image, "sub124")
+        sub4 = torch.nn.functional.interpolate(model.branch_logits(image, "sub4"), dense.shape[-2:],
+                                               mode="bilinear", align_corners=True)
+    assert trunk.grid.count == 8
+    assert relative_error(every, dense) < 1e-5
+    assert relative_error(none, sub4) < 1e-5
+
+
+def test_the_receptive_field_is_what_one_half_path_cell_depends_on():
+    from icnet_ros.evaluation.quarter_variant import receptive_field
+
+    model = trained_bn_model().eval()
+    side = receptive_field(model)
+    chain = torch.nn.Sequential(model.stem, model.stage2, model.stage3_1)
+    image = torch.randn(1, 3, 257, 257)
+    with torch.no_grad():
+        cell = chain(image)[0, :, 16, 16]  # the centre cell of the 33x33 output
+        # its window is centred on input pixel 128 (16 cells of 8 pixels): just outside it, nothing matters
+        outside = image.clone()
+        outside[..., 128 + side // 2 + 1:, :] = 0
+        assert torch.equal(chain(outside)[0, :, 16, 16], cell)
+        inside = image.clone()
+        inside[..., 128 + side // 2 - 1:, :] = 0
+        assert not torch.equal(chain(inside)[0, :, 16, 16], cell)
+
+
+def test_the_quarter_variant_costs_less_with_fewer_regions_and_runs_on_the_command_line(tmp_path):
+    save_model(tmp_path / "m.safetensors", trained_bn_model())
+    result = subprocess.run([sys.executable, "-m", "icnet_ros.evaluation.quarter_variant", "--model",
+                             str(tmp_path / "m.safetensors"), "--size", "256x512", "--region-size", "128",
+                             "--keep-rates", "0.25", "--repeats", "1", "--json", str(tmp_path / "q.json")],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = json.loads((tmp_path / "q.json").read_text())["cost"]
+    assert [row["regions"] for row in rows] == [8, 4, 2, 1, 0]
+    gmacs = [row["gmacs"] for row in rows]
+    assert gmacs == sorted(gmacs, reverse=True) and rows[-1]["dense_gmacs"] > gmacs[-1]
+    assert "| 0.25 | 256x512 | 2/8 |" in result.stdout
