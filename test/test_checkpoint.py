@@ -107,3 +107,40 @@ def test_a_written_checkpoint_is_readable_by_other_users_as_umask_allows(tmp_pat
     save_model(path, trained_bn_model(keep_rate=0.25))
     # a node running under another account must be able to read what the trainer wrote
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_two_fine_tunes_average_weight_by_weight_with_both_provenances(tmp_path):
+    from icnet_ros.model.checkpoint import main
+
+    first = trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid")
+    second = trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid")
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    save_model(tmp_path / "a.safetensors", first, {"iteration": 1500})
+    save_model(tmp_path / "b.safetensors", second, {"iteration": 2000})
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "soup.safetensors"), "--fp16",
+                 "--average-with", str(tmp_path / "b.safetensors"), "--other-weight", "0.25"]) == 0
+    _config, state, provenance = read_checkpoint(tmp_path / "soup.safetensors")
+    a, b = first.state_dict(), second.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value.float(), 0.75 * a[key] + 0.25 * b[key], atol=2e-3, rtol=1e-3)
+        else:
+            assert torch.equal(value, a[key])
+    assert [(s["file"], s["weight"], s["provenance"]["iteration"]) for s in provenance["averaged_from"]] == [
+        ("a.safetensors", 0.75, 1500), ("b.safetensors", 0.25, 2000)]
+    assert provenance["stored_as"] == "float16"
+
+
+def test_only_fine_tunes_of_one_network_average(tmp_path, capsys):
+    from icnet_ros.model.checkpoint import main
+
+    save_model(tmp_path / "a.safetensors", trained_bn_model(keep_rate=0.25, num_classes=11, class_map="camvid"))
+    save_model(tmp_path / "b.safetensors", trained_bn_model(keep_rate=0.25, num_classes=19))
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"),
+                 "--average-with", str(tmp_path / "b.safetensors")]) == 1
+    assert "hold different networks" in capsys.readouterr().err and not (tmp_path / "c.safetensors").exists()
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"),
+                 "--average-with", str(tmp_path / "a.safetensors"), "--other-weight", "1.5"]) == 1
+    assert "must be in [0, 1]" in capsys.readouterr().err

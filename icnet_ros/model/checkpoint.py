@@ -96,8 +96,34 @@ def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
     return read_checkpoint(path)[2]
 
 
+def average_models(first: str | Path, second: str | Path, second_weight: float = 0.5) -> tuple[ICNet, dict[str, Any]]:
+    """(model, provenance) whose floating-point tensors are (1 - w) * first + w * second, w = second_weight.
+
+    Weight averaging of two fine-tunes of one model (a "model soup"; Wortsman et al., "Robust fine-tuning
+    of zero-shot models", 2022) often keeps what each learnt better than either alone. BatchNorm's running
+    statistics are averaged too; integer tensors (BatchNorm's batch counters) come from `first`. Both
+    files must hold the same network.
+    """
+    if not 0.0 <= second_weight <= 1.0:
+        raise CheckpointError(f"the second model's weight must be in [0, 1], got {second_weight}")
+    config, state, provenance = read_checkpoint(first)
+    other_config, other_state, other_provenance = read_checkpoint(second)
+    if other_config != config or other_state.keys() != state.keys():
+        raise CheckpointError(f"{first} and {second} hold different networks ({config} against {other_config}); "
+                              f"only fine-tunes of one model can be averaged")
+    averaged = {key: torch.lerp(value.float(), other_state[key].float(), second_weight)
+                if value.is_floating_point() else value for key, value in state.items()}
+    model = ICNet(config)
+    model.load_state_dict(averaged, strict=True)
+    sources = [{"file": Path(path).name, "weight": weight, "provenance": source_provenance}
+               for path, weight, source_provenance in ((first, 1.0 - second_weight, provenance),
+                                                       (second, second_weight, other_provenance))]
+    return model.eval(), {"averaged_from": sources}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m icnet_ros.model.checkpoint IN OUT --fp16`: a copy of a checkpoint stored in fp16."""
+    """`python -m icnet_ros.model.checkpoint IN OUT [--fp16] [--average-with OTHER]`: a copy of a
+    checkpoint, stored in fp16, or averaged with another fine-tune of the same model."""
     import argparse
     import sys
 
@@ -105,10 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path)
     parser.add_argument("--fp16", action="store_true", help="store the floating-point tensors as float16")
+    parser.add_argument("--average-with", type=Path, metavar="OTHER",
+                        help="average the weights with OTHER, a fine-tune of the same model (a model soup)")
+    parser.add_argument("--other-weight", type=float, default=0.5,
+                        help="OTHER's share of the average (default %(default)s: the plain mean)")
     args = parser.parse_args(argv)
     try:
-        provenance = read_checkpoint(args.source)[2]
-        model = load_model(args.source)
+        if args.average_with is not None:
+            model, provenance = average_models(args.source, args.average_with, args.other_weight)
+        else:
+            provenance = read_checkpoint(args.source)[2]
+            model = load_model(args.source)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
