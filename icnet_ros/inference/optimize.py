@@ -41,6 +41,9 @@ class NativePyramidPoolingSum(nn.Module):
         out = x
         for index, bins in enumerate(self.bins):
             pooled = self._pool(source, index, bins)
+            if pooled.shape[-2:] == (1, 1):  # a one-pixel map upsamples to itself everywhere: broadcast it
+                out = out + pooled
+                continue
             if channels_last:  # the tiny pooled map, not the sum, changes layout
                 pooled = pooled.contiguous(memory_format=torch.channels_last)
             out = out + F.interpolate(pooled, size, mode="bilinear", align_corners=ALIGN_CORNERS)
