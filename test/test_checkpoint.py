@@ -129,7 +129,7 @@ def test_two_fine_tunes_average_weight_by_weight_with_both_provenances(tmp_path)
         else:
             assert torch.equal(value, a[key])
     assert [(s["file"], s["weight"], s["provenance"]["iteration"]) for s in provenance["averaged_from"]] == [
-        ("a.safetensors", 0.75, 1500), ("b.safetensors", 0.25, 2000)]
+        (str(tmp_path / "a.safetensors"), 0.75, 1500), (str(tmp_path / "b.safetensors"), 0.25, 2000)]
     assert provenance["stored_as"] == "float16"
 
 

@@ -70,7 +70,8 @@ def test_the_bundled_cityscapes_model_is_the_documented_one():
                                                                                           (720, 0))
     # the plain mean of stage 2 and stage 3, which continued stage 2 with rare classes weighed fully
     stage2, stage3 = provenance["averaged_from"]
-    assert [(s["file"], s["weight"]) for s in (stage2, stage3)] == [("model.safetensors", 0.5)] * 2
+    assert [(s["file"], s["weight"]) for s in (stage2, stage3)] == [
+        ("runs/cityscapes_settle/model.safetensors", 0.5), ("runs/cityscapes_rare/model.safetensors", 0.5)]
     stage2, stage3 = stage2["provenance"], stage3["provenance"]
     assert stage3["train_config"]["init_from"] == "runs/cityscapes_settle/model.safetensors"
     assert stage3["iteration"] == stage3["train_config"]["iterations"] == 2000
@@ -109,7 +110,8 @@ def test_demo_segments_your_own_photos_with_a_real_street_model(tmp_path, capsys
     labels = SegmentationEngine.from_checkpoint(weights, device="cpu").segment(sky_over_road).labels
     class_map = load_class_map(class_map)
     # a scene whose answer is known: the model must see mostly sky above and mostly road below, not only
-    # any shape (a flat grey band under the sky may also pass for a wall near the horizon)
+    # any shape. A flat, textureless grey band under the sky is ambiguous near the horizon: the bundled
+    # Cityscapes model calls its upper rows building (54 % of the band is road; its stage 2 alone: 61 %)
     sky, road = (class_map.names.index(name) for name in ("sky", "road"))
     assert labels.shape == (120, 160)
     above, below = np.bincount(labels[:50].ravel()), np.bincount(labels[50:].ravel())

@@ -28,3 +28,13 @@ def test_native_pyramid_pooling_equals_the_trained_one_in_either_layout(monkeypa
         out = native(x)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_one_pixel_level_upsamples_to_itself_bit_for_bit(dtype):
+    """Why the pyramid may broadcast its one-bin level instead of upsampling it: the same numbers."""
+    from icnet_ros.model.icnet import ALIGN_CORNERS
+
+    pooled = torch.randn(2, 8, 1, 1, generator=torch.Generator().manual_seed(1)).to(dtype)
+    upsampled = torch.nn.functional.interpolate(pooled, (23, 45), mode="bilinear", align_corners=ALIGN_CORNERS)
+    assert torch.equal(upsampled, pooled.expand_as(upsampled))

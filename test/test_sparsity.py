@@ -245,8 +245,8 @@ def test_evaluation_scores_what_fast_inference_computes():
 
 
 # --- the quarter-size sub4 variant's measurement (evaluation/quarter_variant.py) -------------------
-def test_the_quarter_variant_bound_is_sub124_where_computed_and_sub4_elsewhere():
-    from icnet_ros.evaluation.quarter_variant import sub4_trunk
+def test_the_quarter_variant_estimate_is_sub124_where_computed_and_sub4_elsewhere():
+    from icnet_ros.evaluation.quarter_variant import oracle_ranking, sub4_trunk
 
     model = trained_bn_model().eval()
     image = torch.randn(1, 3, 128, 256)
@@ -259,9 +259,21 @@ def test_the_quarter_variant_bound_is_sub124_where_computed_and_sub4_elsewhere()
         dense = model.branch_logits(image, "sub124")
         sub4 = torch.nn.functional.interpolate(model.branch_logits(image, "sub4"), dense.shape[-2:],
                                                mode="bilinear", align_corners=True)
+        # the oracle ranks first the region whose sub124 corrects the most labelled pixels of sub4
+        target = torch.nn.functional.interpolate(dense, (128, 256), mode="bilinear", align_corners=True).argmax(1)[0]
+        target[:, :64] = 255  # the first column of regions is unlabelled: computing them gains nothing
+        ranking = oracle_ranking(trunk, fine, order, target, 255)
     assert trunk.grid.count == 8
     assert relative_error(every, dense) < 1e-5
     assert relative_error(none, sub4) < 1e-5
+    def right(position):
+        logits = compose(trunk, order[:, [position]], fine[[position]]).logits
+        labels = torch.nn.functional.interpolate(logits, (128, 256), mode="bilinear", align_corners=True).argmax(1)[0]
+        return int(((labels == target) & (target != 255)).sum())
+
+    gains = [right(position) for position in ranking.tolist()]
+    assert gains == sorted(gains, reverse=True) and gains[0] > gains[-1]
+    assert int(order[0, ranking[0]]) % trunk.grid.cols != 0  # an unlabelled region never leads
 
 
 def test_the_receptive_field_is_what_one_half_path_cell_depends_on():
@@ -280,6 +292,24 @@ def test_the_receptive_field_is_what_one_half_path_cell_depends_on():
         inside = image.clone()
         inside[..., 128 + side // 2 - 1:, :] = 0
         assert not torch.equal(chain(inside)[0, :, 16, 16], cell)
+
+
+def test_a_quarter_variant_crop_gives_the_dense_half_path_cells_it_claims():
+    """The crop the cost is counted on really computes F_sub2 exactly over the F_24 cells it serves."""
+    from icnet_ros.evaluation.quarter_variant import RegionCrops
+
+    model = trained_bn_model().eval()
+    crops = RegionCrops.for_model(model, 64)
+    chain = torch.nn.Sequential(model.stem, model.stage2, model.stage3_1)
+    half = torch.randn(1, 3, 256, 256)
+    first = 6  # the region's first F_24 cell: its crop starts half_lead pixels before 8 * first
+    start = 8 * first - crops.half_lead
+    with torch.no_grad():
+        dense = chain(half)[..., first:first + crops.f_24, first:first + crops.f_24]
+        crop = half[..., start:start + crops.half_image, start:start + crops.half_image]
+        offset = crops.f_sub2_offset
+        cells = chain(crop)[..., offset:offset + crops.f_24, offset:offset + crops.f_24]
+    torch.testing.assert_close(cells, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_the_quarter_variant_costs_less_with_fewer_regions_and_runs_on_the_command_line(tmp_path):

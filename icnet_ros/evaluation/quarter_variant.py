@@ -9,22 +9,27 @@ inference of that network at k regions therefore outputs sub124 in the k regions
     python -m icnet_ros.evaluation.quarter_variant --model icnet_ros/assets/camvid_keep0.25.safetensors \\
         --dataset camvid --data-root /data/CamVid --split test --threads 2 --json quarter_variant.json
 
-Accuracy, an upper bound: the composition above computed with the given model's own branches (sub124
-in the k regions of highest sub4 entropy, sub4 elsewhere; the regions exactly as the shipped sparse
-path computes them). The variant's branches cannot be expected to do better: its low-resolution
-column sees a quarter-size image instead of the half-size one's features.
+Accuracy, estimated with the given model's own branches (the variant's low-resolution column would
+see a quarter-size image instead of the half-size one's features, so its branches are assumed no
+better): sub124 in k regions and sub4 elsewhere, the regions computed exactly as the shipped sparse
+path computes them, chosen two ways: by the entropy of sub4 (what a selector without training does),
+and by the labels themselves ("oracle": the regions where sub124 corrects most pixels of sub4),
+which no selector, trained gate or not, can beat with these branches.
 
-Cost, a lower bound: conv multiply-adds (FlopCounterMode) and CPU milliseconds (the BN-folded
-network, median of --repeats) of what the variant must compute: the shared layers on the quarter-size
-image, the trunk and the sub4 classifier on the whole image, and per region, as one batch of crops,
-the half-resolution path and cff_24 with just the context that makes F_24 exact where cff_124 reads
-it, then sub1, cff_124 and the classifier as the shipped sparse path runs them. Gathering crops and
-composing the output are left out. Against the released network, dense, in the same process.
+Cost of this design (exact context, one crop per region): conv multiply-adds (FlopCounterMode) and
+CPU milliseconds (the BN-folded network, median of --repeats) of the shared layers on the
+quarter-size image, the trunk and the sub4 classifier on the whole image, and per region, as one
+batch of crops, the half-resolution path and cff_24 with the context that makes F_24 exact where
+cff_124 reads it, then sub1, cff_124 and the classifier as the shipped sparse path runs them.
+Gathering crops and composing the output are left out; crops of neighbouring regions overlap, so a
+design that shares their context, or accepts inexact borders as the paper's does, could cost less.
+Against the released network, dense, in the same process.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ from icnet_ros.evaluation.sparsity_table import (
     conv_gmacs,
     cpu_ms,
     network_input,
+    parse_size,
     region_counts,
 )
 from icnet_ros.inference.optimize import prepare_for_inference
@@ -55,14 +61,15 @@ from icnet_ros.model.sparsity import (
     GATE_STRIDE,
     RegionGrid,
     Trunk,
+    _conv_bn_valid,
     compose,
     region_entropy,
     region_fine_logits,
-    run_trunk,
 )
 from icnet_ros.training.config import DATASETS
 
 HALF_PATH_STRIDE = 8  # F_sub2 (1/16 of the input) is 8 half-resolution pixels per cell
+SELECTORS = ("entropy", "oracle")
 
 
 # --- accuracy --------------------------------------------------------------------------------------
@@ -70,19 +77,38 @@ def sub4_trunk(model: ICNet, image: torch.Tensor, region_size: int) -> Trunk:
     """The trunk of the quarter-size variant's sparse inference, from `model`'s own branches: the
     upsampled sub4 prediction as the coarse output, regions ranked by its entropy."""
     sizes = model._checked_sizes(image)
-    shipped = run_trunk(model, image, "entropy", region_size)  # F_24 for the computed regions' crops
-    _, f_sub4 = model.low_and_medium_features(image, sizes)
+    grid = RegionGrid(int(image.shape[-2]), int(image.shape[-1]), region_size)
+    f_sub2, f_sub4 = model.low_and_medium_features(image, sizes)
+    f_24, _ = model.cff_24(f_sub4, f_sub2)  # what the computed regions' crops read (exact there)
     sub4 = model.cff_24.aux_classifier(upsample(f_sub4, sizes.sub2))
-    scores = region_entropy(upsample(sub4, sizes.sub1), shipped.grid)
-    return Trunk(shipped.grid, upsample(sub4, sizes.sub124), scores, torch.ones_like(scores), shipped.f_24_up)
+    scores = region_entropy(upsample(sub4, sizes.sub1), grid)
+    return Trunk(grid, upsample(sub4, sizes.sub124), scores, torch.ones_like(scores), upsample(f_24, sizes.sub1))
+
+
+def oracle_ranking(trunk: Trunk, fine: torch.Tensor, order: torch.Tensor, target: torch.Tensor,
+                   ignore_index: int) -> torch.Tensor:
+    """Positions in `order` (whose fine logits are `fine`) sorted by how many labelled pixels computing
+    that region corrects: the best choice of k regions for pixel accuracy, for every k at once."""
+    size = tuple(target.shape)
+    valid = target != ignore_index
+    coarse_right = (upsample(trunk.coarse.float(), size).argmax(1)[0] == target) & valid
+    gains = []
+    for position in range(order.shape[1]):
+        single = compose(trunk, order[:, position:position + 1], fine[position:position + 1]).logits
+        right = (upsample(single.float(), size).argmax(1)[0] == target) & valid
+        gains.append(int(right.sum()) - int(coarse_right.sum()))
+    return torch.tensor(gains).argsort(descending=True, stable=True)
 
 
 @torch.inference_mode()
-def bound_accuracy(model: ICNet, dataset, class_map, fractions, region_size: int) -> dict:
-    """{k: mIoU report}: sub124 in the k regions of highest sub4 entropy, sub4 elsewhere."""
+def variant_accuracy(model: ICNet, dataset, class_map, fractions, region_size: int,
+                   selector: str = "entropy") -> dict:
+    """{k: mIoU report}: sub124 in k regions (chosen by `selector`), sub4 elsewhere."""
+    if selector not in SELECTORS:
+        raise ValueError(f"selector must be one of {list(SELECTORS)}, got {selector!r}")
     matrices: dict[int, ConfusionMatrix] = {}
     grid_shape = None
-    for index in tqdm(range(len(dataset)), desc="quarter-size variant bound", leave=False):
+    for index in tqdm(range(len(dataset)), desc=f"quarter-size variant, {selector}", leave=False):
         sample = dataset[index]
         height, width = sample["image"].shape[:2]
         image = network_input(model, sample["image"])
@@ -91,11 +117,14 @@ def bound_accuracy(model: ICNet, dataset, class_map, fractions, region_size: int
         order = trunk.scores.flatten(1).argsort(dim=1, descending=True)
         fine = region_fine_logits(model, image, trunk, order)
         target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))
+        if selector == "oracle":
+            ranking = oracle_ranking(trunk, fine, order, target, class_map.ignore_index)
+            order, fine = order[:, ranking], fine[ranking]
         for k in region_counts(trunk.grid, fractions):
             labels = upsample(compose(trunk, order[:, :k], fine[:k]).logits.float(), (height, width)).argmax(1)[0]
             matrices.setdefault(k, ConfusionMatrix(class_map.num_classes, class_map.ignore_index)).update(
                 target, labels)
-    return {"regions_grid": grid_shape,
+    return {"regions_grid": grid_shape, "selector": selector,
             "by_regions": {k: matrix.report(class_map.names) for k, matrix in matrices.items()}}
 
 
@@ -119,9 +148,10 @@ class RegionCrops:
 
     fuse: int  # F_124 cells (1/8): the region and one around it, for the corner-aligned upsample
     sub1: int  # F_sub1 cells: one more, for sub1's stride-2 chain
-    up_24: int  # up(F_24) cells cff_124's dilated convolution reads
+    up_24: int  # up(F_24) cells cff_124's dilated convolution reads (always even: fuse is)
     f_24: int  # F_24 cells (1/16) that upsample reads
     context_24: int  # up(F_sub4) cells cff_24's dilated convolution reads for them
+    half_lead: int  # half-resolution pixels before the first F_24 cell's window (on the 8-pixel grid)
     half_image: int  # half-resolution pixels that make F_sub2 exact over f_24 cells
 
     @classmethod
@@ -131,13 +161,22 @@ class RegionCrops:
         fuse = region_size // CELL + 2
         up_24 = fuse + 2 * reach_124
         f_24 = up_24 // 2 + 1
-        return cls(fuse, fuse + 1, up_24, f_24, f_24 + 2 * reach_24,
-                   (f_24 - 1) * HALF_PATH_STRIDE + receptive_field(model))
+        margin = receptive_field(model) // 2  # a cell at 8j reads pixels 8j - margin .. 8j + margin
+        # the crop must start on the 8-pixel grid, as the dense network's strides do
+        lead = math.ceil(margin / HALF_PATH_STRIDE) * HALF_PATH_STRIDE
+        return cls(fuse, fuse + 1, up_24, f_24, f_24 + 2 * reach_24, lead,
+                   lead + (f_24 - 1) * HALF_PATH_STRIDE + margin + 1)
+
+    @property
+    def f_sub2_offset(self) -> int:
+        """The first exact F_sub2 cell of a crop's output."""
+        return self.half_lead // HALF_PATH_STRIDE
 
 
 def variant_parts(model: ICNet, height: int, width: int, regions: int, crops: RegionCrops):
-    """(whole image, per-region batch) callables computing what the sparse variant computes."""
-    def like(*shape):  # channels-last where the engine runs it so (a no-op on the meta device)
+    """(whole image, per-region batch) callables computing what the sparse variant computes, on random
+    inputs of the right shapes (the cost does not depend on values)."""
+    def like(*shape):  # channels-last, as the engine runs the network
         return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
 
     quarter = like(1, 3, halved(halved(height)), halved(halved(width)))
@@ -146,6 +185,7 @@ def variant_parts(model: ICNet, height: int, width: int, regions: int, crops: Re
     sub4_context = like(k, model.conv5_4.conv.out_channels, crops.context_24, crops.context_24)
     sub1_crops = like(k, 3, crops.sub1 * CELL, crops.sub1 * CELL)
     sub4_size = (halved(halved(halved(halved(height)))), halved(halved(halved(halved(width)))))
+    first, last = crops.f_sub2_offset, crops.f_sub2_offset + crops.f_24
 
     def whole():
         f = model.stage3_1(model.stage2(model.stem(quarter)))
@@ -153,41 +193,41 @@ def variant_parts(model: ICNet, height: int, width: int, regions: int, crops: Re
         return model.cff_24.aux_classifier(upsample(f_sub4, sub4_size))
 
     def per_region():
-        f_sub2 = model.stage3_1(model.stage2(model.stem(half_crops)))[..., :crops.f_24, :crops.f_24]
-        f_24 = F.relu(_valid(model.cff_24.dilated, sub4_context) + model.cff_24.lateral(f_sub2))
+        f_sub2 = model.stage3_1(model.stage2(model.stem(half_crops)))[..., first:last, first:last]
+        f_24 = F.relu(_conv_bn_valid(model.cff_24.dilated, sub4_context) + model.cff_24.lateral(f_sub2))
         up = upsample(f_24, (2 * crops.f_24, 2 * crops.f_24))[..., :crops.up_24, :crops.up_24]
         f_sub1 = model.sub1(sub1_crops)[..., 1:, 1:]
-        f_124 = F.relu(_valid(model.cff_124.dilated, up) + model.cff_124.lateral(f_sub1))
+        f_124 = F.relu(_conv_bn_valid(model.cff_124.dilated, up) + model.cff_124.lateral(f_sub1))
         return model.classifier(f_124)
 
     return whole, per_region
 
 
-def _valid(conv_bn, x: torch.Tensor) -> torch.Tensor:
-    """A ConvBN without padding: the window already holds the context."""
-    conv = conv_bn.conv
-    return conv_bn.bn(F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups))
+def dense_cost(config, height: int, width: int, repeats: int) -> dict:
+    """The released network's conv GMACs and CPU ms, dense, at this size."""
+    source = ICNet(config).eval()
+    folded = prepare_for_inference(source, torch.device("cpu"), True)
+    return {"dense_gmacs": conv_gmacs(source, height, width, None),
+            "dense_cpu_ms": cpu_ms(folded, height, width, None, repeats)}
 
 
-def variant_cost(config, height: int, width: int, regions: int, region_size: int, repeats: int) -> dict:
-    """GMACs and CPU ms of the variant's sparse inference at `regions`, with the released network's
-    dense figures from the same process."""
+def variant_cost(config, height: int, width: int, regions: int, region_size: int, repeats: int,
+                 dense: dict) -> dict:
+    """GMACs and CPU ms of the variant's sparse inference at `regions`, against `dense` (dense_cost)."""
     source = ICNet(config).eval()
     crops = RegionCrops.for_model(source, region_size)
     folded = prepare_for_inference(source, torch.device("cpu"), True)
-    counter = FlopCounterMode(display=False)
+    parts = slice(0, 2 if regions else 1)  # no region: the whole-image part only
+    counter = FlopCounterMode(display=False)  # counted on the unfolded network: its convolutions are aten's
     with torch.no_grad(), counter:
-        for part in variant_parts(source, height, width, regions, crops)[: 2 if regions else 1]:
+        for part in variant_parts(source, height, width, regions, crops)[parts]:
             part()
     gmacs = counter.get_flop_counts().get("Global", {}).get(torch.ops.aten.convolution, 0) / 2e9
-    ms = sum(_median_ms(part, repeats) for part in variant_parts(folded, height, width, regions, crops)
-             [: 2 if regions else 1])
-    dense_gmacs = conv_gmacs(source, height, width, None)
-    dense_ms = cpu_ms(folded, height, width, None, repeats)
+    ms = sum(_median_ms(part, repeats) for part in variant_parts(folded, height, width, regions, crops)[parts])
     return {"keep_rate": config.keep_rate, "size": f"{height}x{width}", "regions": regions,
             "of": RegionGrid(height, width, region_size).count, "half_crop_px": crops.half_image,
-            "gmacs": gmacs, "cpu_ms": ms, "dense_gmacs": dense_gmacs, "dense_cpu_ms": dense_ms,
-            "mac_ratio": dense_gmacs / gmacs, "time_ratio": dense_ms / ms}
+            "gmacs": gmacs, "cpu_ms": ms, **dense, "mac_ratio": dense["dense_gmacs"] / gmacs,
+            "time_ratio": dense["dense_cpu_ms"] / ms}
 
 
 @torch.inference_mode()
@@ -211,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--region-size", type=int, default=256)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS))
-    parser.add_argument("--size", default="1024x2048", help="network input size of the cost rows")
+    parser.add_argument("--selectors", nargs="+", choices=SELECTORS, default=list(SELECTORS),
+                        help="how the accuracy rows choose regions: sub4's entropy, or the labels (oracle)")
+    parser.add_argument("--size", type=parse_size, default=(1024, 2048), help="network input size of the cost rows (HxW)")
     parser.add_argument("--keep-rates", type=float, nargs="*", default=[0.5, 0.25],
                         help="keep rates of the cost rows (none: accuracy only)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -227,19 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset:
         class_map = load_class_map(model.config.class_map)
         dataset = build_dataset(args.dataset, args.data_root, args.split, class_map)
-        report["accuracy_bound"] = bound_accuracy(model, dataset, class_map, args.fractions, args.region_size)
-        rows, cols = report["accuracy_bound"]["regions_grid"]
-        print("sub124 in k regions, sub4 elsewhere (mIoU, an upper bound for the variant): " + ", ".join(
-            f"{k}/{rows * cols}: {100 * r['miou']:.1f}" for k, r in report["accuracy_bound"]["by_regions"].items()))
-    height, width = (int(side) for side in args.size.split("x"))
+        report["accuracy"] = {}
+        for selector in args.selectors:
+            result = report["accuracy"][selector] = variant_accuracy(model, dataset, class_map, args.fractions,
+                                                                   args.region_size, selector)
+            rows, cols = result["regions_grid"]
+            print(f"sub124 in k regions chosen by {selector}, sub4 elsewhere, mIoU: " + ", ".join(
+                f"{k}/{rows * cols}: {100 * r['miou']:.1f}" for k, r in result["by_regions"].items()), flush=True)
+    height, width = args.size
     grid = RegionGrid(height, width, args.region_size)
     report["cost"] = []
     print("| keep | size | regions | GMACs | CPU ms | dense GMACs | dense CPU ms | fewer MACs | less time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for keep in args.keep_rates:
         config = ModelConfig(num_classes=model.config.num_classes, keep_rate=keep, class_map=model.config.class_map)
+        dense = dense_cost(config, height, width, args.repeats)
         for k in region_counts(grid, args.fractions):
-            row = variant_cost(config, height, width, k, args.region_size, args.repeats)
+            row = variant_cost(config, height, width, k, args.region_size, args.repeats, dense)
             report["cost"].append(row)
             print(f"| {keep} | {row['size']} | {k}/{row['of']} | {row['gmacs']:.2f} | {row['cpu_ms']:.0f} | "
                   f"{row['dense_gmacs']:.2f} | {row['dense_cpu_ms']:.0f} | {row['mac_ratio']:.2f}x | "

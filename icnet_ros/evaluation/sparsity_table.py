@@ -158,7 +158,10 @@ def format_cost(rows) -> str:
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    """"HxW" -> (H, W), for argparse."""
     height, _, width = text.partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"a size is HEIGHTxWIDTH in pixels, e.g. 1024x2048; got {text!r}")
     return int(height), int(width)
 
 
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
                         help="k as fractions of the regions N (1 0.5 0.25 0.125 0: N, N/2, N/4, N/8, sub24 only)")
-    parser.add_argument("--sizes", nargs="+", default=["1024x2048", "720x960"], help="network input sizes timed")
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(1024, 2048), (720, 960)],
+                        help="network input sizes timed (HxW)")
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print_accuracy("entropy (no training)", report["entropy"])
             report["baseline_dense"] = dense_accuracy(baseline, dataset, class_map)
             print(f"baseline dense mIoU {100 * report['baseline_dense']['miou']:.1f}", flush=True)
-    report["cost"] = cost_rows(gated.config, [parse_size(s) for s in args.sizes], args.keep_rates,
+    report["cost"] = cost_rows(gated.config, args.sizes, args.keep_rates,
                                args.fractions, args.repeats)
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2, default=str))

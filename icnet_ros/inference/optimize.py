@@ -23,6 +23,13 @@ from icnet_ros.model.fold import fold_batchnorm
 from icnet_ros.model.icnet import ALIGN_CORNERS, ICNet, PyramidPoolingSum, fixed_avg_pool, pyramid_pool_window
 
 
+# Devices whose pooling kernels are slow on channels-last maps: on an H200 (torch 2.11, fp16) adaptive
+# average pooling of the keep-0.5 network's 32x64x1024 map took 0.45 ms for each of the bins 2, 3 and 6
+# in channels-last (1.3 of the 2.8 ms forward; bin 1 is a plain mean); pooling a contiguous copy (4 MB,
+# microseconds to make) avoids it.
+POOL_CONTIGUOUS_ON = ("cuda",)
+
+
 class NativePyramidPoolingSum(nn.Module):
     """PyramidPoolingSum with PyTorch's native pooling: the same windows, without the matrix form.
 
@@ -59,12 +66,6 @@ class NativePyramidPoolingSum(nn.Module):
         if (bins - 1) * sh + kh == height and (bins - 1) * sw + kw == width:
             return F.avg_pool2d(x, (kh, kw), (sh, sw))
         return fixed_avg_pool(x, bins, self.reference_size, self.windows[index])
-
-
-# Devices whose pooling kernels are slow on channels-last maps: on an H200 (torch 2.11, fp16) adaptive
-# average pooling of the keep-0.5 network's 32x64x1024 map took 0.45 ms per bin in channels-last, 1.3
-# of the 2.8 ms forward; pooling a contiguous copy (4 MB, microseconds to make) avoids it.
-POOL_CONTIGUOUS_ON = ("cuda",)
 
 
 class OneDnnConv2d(nn.Conv2d):

@@ -99,23 +99,28 @@ def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
 def average_models(first: str | Path, second: str | Path, second_weight: float = 0.5) -> tuple[ICNet, dict[str, Any]]:
     """(model, provenance) whose floating-point tensors are (1 - w) * first + w * second, w = second_weight.
 
-    Weight averaging of two fine-tunes of one model (a "model soup"; Wortsman et al., "Robust fine-tuning
-    of zero-shot models", 2022) often keeps what each learnt better than either alone. BatchNorm's running
-    statistics are averaged too; integer tensors (BatchNorm's batch counters) come from `first`. Both
-    files must hold the same network.
+    Weight averaging of fine-tunes of one model (a "model soup": Wortsman et al., "Model soups: averaging
+    weights of multiple fine-tuned models improves accuracy without increasing inference time", ICML 2022)
+    often keeps what each learnt better than either alone. BatchNorm's running statistics are averaged
+    too (the mean of two variances only approximates the averaged network's: evaluate the result);
+    integer tensors (BatchNorm's batch counters) come from `first`. Both files must hold the same network.
     """
     if not 0.0 <= second_weight <= 1.0:
-        raise CheckpointError(f"the second model's weight must be in [0, 1], got {second_weight}")
+        raise CheckpointError(f"the second model's weight (--other-weight) must be in [0, 1], got {second_weight}")
     config, state, provenance = read_checkpoint(first)
     other_config, other_state, other_provenance = read_checkpoint(second)
-    if other_config != config or other_state.keys() != state.keys():
+    if other_config != config:
         raise CheckpointError(f"{first} and {second} hold different networks ({config} against {other_config}); "
                               f"only fine-tunes of one model can be averaged")
+    if other_state.keys() != state.keys():
+        differing = sorted(state.keys() ^ other_state.keys())
+        raise CheckpointError(f"{first} and {second} have different tensors ({', '.join(differing[:5])}); only "
+                              f"fine-tunes of one model can be averaged")
     averaged = {key: torch.lerp(value.float(), other_state[key].float(), second_weight)
                 if value.is_floating_point() else value for key, value in state.items()}
     model = ICNet(config)
     model.load_state_dict(averaged, strict=True)
-    sources = [{"file": Path(path).name, "weight": weight, "provenance": source_provenance}
+    sources = [{"file": str(path), "weight": weight, "provenance": source_provenance}
                for path, weight, source_provenance in ((first, 1.0 - second_weight, provenance),
                                                        (second, second_weight, other_provenance))]
     return model.eval(), {"averaged_from": sources}
