@@ -35,21 +35,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from icnet_ros.atomic import atomic_write_text
 from icnet_ros.classmap import load_class_map
 from icnet_ros.data.datasets import build_dataset
-from icnet_ros.evaluation.metrics import ConfusionMatrix
 from icnet_ros.evaluation.sparsity_table import (
     DEFAULT_FRACTIONS,
+    accuracy_by_regions,
     conv_gmacs,
     cpu_ms,
-    network_input,
     parse_size,
     region_counts,
 )
@@ -64,7 +61,6 @@ from icnet_ros.model.sparsity import (
     _conv_bn_valid,
     compose,
     region_entropy,
-    region_fine_logits,
 )
 from icnet_ros.training.config import DATASETS
 
@@ -100,32 +96,19 @@ def oracle_ranking(trunk: Trunk, fine: torch.Tensor, order: torch.Tensor, target
     return torch.tensor(gains).argsort(descending=True, stable=True)
 
 
-@torch.inference_mode()
 def variant_accuracy(model: ICNet, dataset, class_map, fractions, region_size: int,
-                   selector: str = "entropy") -> dict:
+                     selector: str = "entropy") -> dict:
     """{k: mIoU report}: sub124 in k regions (chosen by `selector`), sub4 elsewhere."""
     if selector not in SELECTORS:
         raise ValueError(f"selector must be one of {list(SELECTORS)}, got {selector!r}")
-    matrices: dict[int, ConfusionMatrix] = {}
-    grid_shape = None
-    for index in tqdm(range(len(dataset)), desc=f"quarter-size variant, {selector}", leave=False):
-        sample = dataset[index]
-        height, width = sample["image"].shape[:2]
-        image = network_input(model, sample["image"])
-        trunk = sub4_trunk(model, image, region_size)
-        grid_shape = (trunk.grid.rows, trunk.grid.cols)
-        order = trunk.scores.flatten(1).argsort(dim=1, descending=True)
-        fine = region_fine_logits(model, image, trunk, order)
-        target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))
-        if selector == "oracle":
-            ranking = oracle_ranking(trunk, fine, order, target, class_map.ignore_index)
-            order, fine = order[:, ranking], fine[ranking]
-        for k in region_counts(trunk.grid, fractions):
-            labels = upsample(compose(trunk, order[:, :k], fine[:k]).logits.float(), (height, width)).argmax(1)[0]
-            matrices.setdefault(k, ConfusionMatrix(class_map.num_classes, class_map.ignore_index)).update(
-                target, labels)
-    return {"regions_grid": grid_shape, "selector": selector,
-            "by_regions": {k: matrix.report(class_map.names) for k, matrix in matrices.items()}}
+
+    def by_labels(trunk, fine, order, target):
+        return oracle_ranking(trunk, fine, order, target, class_map.ignore_index)
+
+    result = accuracy_by_regions(model, dataset, class_map, fractions,
+                                 lambda image: sub4_trunk(model, image, region_size),
+                                 f"quarter-size variant, {selector}", by_labels if selector == "oracle" else None)
+    return {**result, "selector": selector}
 
 
 # --- cost ------------------------------------------------------------------------------------------

@@ -54,20 +54,33 @@ def network_input(model: ICNet, image: np.ndarray) -> torch.Tensor:
     return image_to_input(image, model.config, "cpu", size=network_size(image.shape[:2], model.config.input_size))
 
 
-@torch.inference_mode()
 def accuracy(model: ICNet, dataset, class_map, selector: str, fractions, region_size: int) -> dict:
     """{k: mIoU report} over the dataset, k regions per image chosen by `selector`."""
+    return accuracy_by_regions(model, dataset, class_map, fractions,
+                               lambda image: run_trunk(model, image, selector, region_size), f"sparsity {selector}")
+
+
+@torch.inference_mode()
+def accuracy_by_regions(model: ICNet, dataset, class_map, fractions, trunk_of, description: str,
+                        rank=None) -> dict:
+    """{k: mIoU report}: each image's trunk from trunk_of(image), the high-resolution path run once per
+    region (region_fine_logits in score order), and for every k the k best composed, which is exactly
+    what sparse_logits computes for that k. rank(trunk, fine, order, target), if given, reorders the
+    regions (a permutation of positions in `order`) before composing."""
     matrices: dict[int, ConfusionMatrix] = {}
     grid_shape = None
-    for index in tqdm(range(len(dataset)), desc=f"sparsity {selector}", leave=False):
+    for index in tqdm(range(len(dataset)), desc=description, leave=False):
         sample = dataset[index]
         height, width = sample["image"].shape[:2]
         image = network_input(model, sample["image"])
-        trunk = run_trunk(model, image, selector, region_size)
+        trunk = trunk_of(image)
         grid_shape = (trunk.grid.rows, trunk.grid.cols)
         order = trunk.scores.flatten(1).argsort(dim=1, descending=True)
         fine = region_fine_logits(model, image, trunk, order)  # every region, best first
         target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))
+        if rank is not None:
+            ranking = rank(trunk, fine, order, target)
+            order, fine = order[:, ranking], fine[ranking]
         for k in region_counts(trunk.grid, fractions):
             logits = compose(trunk, order[:, :k], fine[:k]).logits
             labels = upsample(logits.float(), (height, width)).argmax(1)[0]
