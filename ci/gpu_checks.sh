@@ -11,7 +11,7 @@
 #      batches of 2 and 4 against batch 1 (the frames are 1024x2048: TensorRT's per-frame alignment);
 #   3. the whole node path (python -m icnet_ros.ros.overhead --device cuda, the node's two threads,
 #      labels only and all outputs) at 1024x2048 with the CamVid model;
-#   4. the GPU tests (test/test_engine_gpu.py, test/test_tensorrt.py, test/test_graph_cache.py,
+#   4. the GPU tests (test/test_engine_gpu.py, test/test_tensorrt.py, test/test_graph_cache.py, test/test_optimize.py,
 #      test/test_cuda_runner.py);
 #   5. the full table: keep 0.5 and 0.25, sub124 and sub4, batch 1 and 4, labels and all outputs.
 #
@@ -163,7 +163,7 @@ step "node path" 150 "$PYTHON" -m icnet_ros.ros.overhead --device "$DEVICE" --ch
 
 # 4. the GPU tests (they skip, saying why, without CUDA or TensorRT)
 step "gpu tests" 200 "$PYTHON" -m pytest -q -p no:cacheprovider -rs test/test_engine_gpu.py test/test_tensorrt.py \
-    test/test_graph_cache.py test/test_cuda_runner.py
+    test/test_graph_cache.py test/test_cuda_runner.py test/test_optimize.py
 
 # 5. the full table
 step "benchmark table" 420 "${BENCH[@]}" --keep-rates 0.5 0.25 --branches sub124 sub4 --batch 1 4 \

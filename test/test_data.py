@@ -6,7 +6,9 @@ import pytest
 from conftest import SHARED_DATA
 from icnet_ros.classmap import load_class_map
 from icnet_ros.data.datasets import DatasetError, build_dataset, cityscapes_sequence_frames
-from icnet_ros.data.synthetic import Scene, make_drives
+from icnet_ros.config import ConfigError
+from icnet_ros.data.synthetic import OBJECTS, Scene, load_object_mix, main, make_drives
+from icnet_ros.paths import config_dir
 from icnet_ros.data.transforms import augment_sample
 
 CITYSCAPES = load_class_map("cityscapes")
@@ -31,6 +33,48 @@ def test_a_sequence_drives_forward():
     scene = Scene(1, 128, 256)
     frames = [scene.render(t, CITYSCAPES)[0].astype(int) for t in (0, 1, 10)]
     assert 0 < np.abs(frames[1] - frames[0]).mean() < np.abs(frames[2] - frames[0]).mean()
+
+
+def _scene_objects(mix, seeds=range(40)):
+    return [o["kind"] for seed in seeds for o in Scene(seed, 64, 128, mix).objects]
+
+
+def test_the_street_mix_makes_cars_outnumber_large_vehicles_and_signs_outnumber_lights():
+    mix = load_object_mix(config_dir() / "synthetic" / "street_mix.yaml")
+    own, street = _scene_objects(None), _scene_objects(mix)
+    large = ("truck", "bus", "train")
+    assert sum(street.count(k) for k in large) * 20 < street.count("car")  # by count; ~88 % of the pixels
+    assert sum(own.count(k) for k in large) * 5 > own.count("car")
+    assert street.count("pole_sign") > 2 * street.count("pole_light")
+    assert street.count("person") > 5 * (street.count("rider_bicycle") + street.count("rider_motorcycle"))
+    # the draws follow the same random stream: the kinds change, the depths do not
+    assert [o["z"] for o in Scene(3, 64, 128, mix).objects] == [o["z"] for o in Scene(3, 64, 128).objects]
+
+
+def test_without_an_object_mix_the_generator_writes_its_own_frames(tmp_path):
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    own = Scene(7, 64, 128).render(19, CITYSCAPES)[1]
+    assert np.array_equal(Scene(7, 64, 128, load_object_mix(tmp_path / "empty.yaml")).render(19, CITYSCAPES)[1], own)
+
+
+@pytest.mark.parametrize("text, says", [("lorry: 1\n", "unknown object kind 'lorry'"),
+                                        ("car: -1\n", "non-negative number"),
+                                        ("car: many\n", "non-negative number"),
+                                        ("- car\n", "mapping")])
+def test_a_bad_object_mix_is_refused_naming_what_is_wrong(tmp_path, text, says):
+    path = tmp_path / "mix.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=says):
+        load_object_mix(path)
+    assert main(["--out", str(tmp_path / "out"), "--splits", "train=1", "--object-mix", str(path)]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_all_zero_object_mix_is_refused(tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text("".join(f"{kind}: 0\n" for kind, *_ in OBJECTS))
+    with pytest.raises(ConfigError, match="at least one a positive weight"):
+        load_object_mix(path)
 
 
 def test_written_layout_reads_back_with_train_ids_and_label_ids(tmp_path):

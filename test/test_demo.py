@@ -68,8 +68,15 @@ def test_the_bundled_cityscapes_model_is_the_documented_one():
     config, _state, provenance = read_checkpoint(cityscapes_weights())
     assert (config.class_map, config.keep_rate, config.num_classes, config.input_size) == ("cityscapes", 0.25, 19,
                                                                                           (720, 0))
+    # stage 4: the mean of stages 2 and 3, continued on synthetic drives in real streets' proportions
+    stage4 = provenance["train_config"]
+    assert provenance["iteration"] == stage4["iterations"] == 2000 and stage4["class_weight_power"] == 0.75
+    assert stage4["init_from"] == "runs/cityscapes_soup/model.safetensors"
+    assert stage4["mix"][0]["data_root"] == "data/street_drives"
+    assert [(d["dataset"], d["label_sets"], d["per_batch"]) for d in provenance["data"]] == [
+        ("camvid", "cityscapes_to_camvid", 7), ("cityscapes", None, 1)]
     # the plain mean of stage 2 and stage 3, which continued stage 2 with rare classes weighed fully
-    stage2, stage3 = provenance["averaged_from"]
+    stage2, stage3 = provenance["init_from_provenance"]["averaged_from"]
     assert [(s["file"], s["weight"]) for s in (stage2, stage3)] == [
         ("runs/cityscapes_settle/model.safetensors", 0.5), ("runs/cityscapes_rare/model.safetensors", 0.5)]
     stage2, stage3 = stage2["provenance"], stage3["provenance"]
@@ -98,9 +105,13 @@ def test_the_bundled_cityscapes_model_is_the_documented_one():
 def test_demo_segments_your_own_photos_with_a_real_street_model(tmp_path, capsys, class_map, flags):
     photos = tmp_path / "photos"
     photos.mkdir()
+    # a grey road running to the horizon between green verges, under a pale blue sky
     sky_over_road = np.zeros((120, 160, 3), np.uint8)
-    sky_over_road[:50] = (150, 180, 220)  # a pale blue sky above a grey road
-    sky_over_road[50:] = (90, 90, 95)
+    sky_over_road[:50] = (150, 180, 220)
+    sky_over_road[50:] = (70, 110, 50)
+    road = np.zeros((120, 160), np.uint8)
+    cv2.fillPoly(road, [np.array([[76, 50], [84, 50], [200, 120], [-40, 120]], np.int32)], 1)
+    sky_over_road[road.astype(bool)] = (90, 90, 95)
     cv2.imwrite(str(photos / "street.png"), cv2.cvtColor(sky_over_road, cv2.COLOR_RGB2BGR))
     assert demo.main(["--images", str(photos), "--out", str(tmp_path / "out"), "--device", "cpu", *flags]) == 0
     pair = cv2.cvtColor(cv2.imread(str(tmp_path / "out" / "side_by_side" / "street.png")), cv2.COLOR_BGR2RGB)
@@ -109,14 +120,14 @@ def test_demo_segments_your_own_photos_with_a_real_street_model(tmp_path, capsys
     weights = bundled_weights(BUNDLED_BY_NAME[class_map])
     labels = SegmentationEngine.from_checkpoint(weights, device="cpu").segment(sky_over_road).labels
     class_map = load_class_map(class_map)
-    # a scene whose answer is known: the model must see mostly sky above and mostly road below, not only
-    # any shape. A flat, textureless grey band under the sky is ambiguous near the horizon: the bundled
-    # Cityscapes model calls its upper rows building (54 % of the band is road; its stage 2 alone: 61 %)
-    sky, road = (class_map.names.index(name) for name in ("sky", "road"))
+    # a scene whose answer is known: mostly sky above the horizon, road on the road, not only any shape.
+    # (A flat grey band under the sky, with no verges, is ambiguous: a wall or a road? The bundled
+    # Cityscapes model called most of one building.)
+    sky, road_id = (class_map.names.index(name) for name in ("sky", "road"))
     assert labels.shape == (120, 160)
-    above, below = np.bincount(labels[:50].ravel()), np.bincount(labels[50:].ravel())
+    above = np.bincount(labels[:50].ravel())
     assert above.argmax() == sky and above[sky] > 0.6 * above.sum(), above
-    assert below.argmax() == road and below[road] > 0.5 * below.sum(), below
+    assert (labels[road.astype(bool)] == road_id).mean() > 0.9, np.bincount(labels[road.astype(bool)])
     legend = draw_legend(class_map, present_classes(labels, class_map.num_classes), 320)
     assert legend.shape[0] > 0 and pair.shape == (120 + legend.shape[0], 320, 3)
     assert np.array_equal(pair[:120, :160], sky_over_road)

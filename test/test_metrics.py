@@ -38,6 +38,40 @@ def test_miou_labelled_leaves_out_classes_only_predicted():
     assert math.isclose(report["miou_labelled"], (1 / 2 + 1) / 2)
 
 
+def test_splitting_sets_perfectly_moves_only_confusions_inside_a_set():
+    # classes a, b form one set, c another, d none: a<->b confusions become right, a<->c stay wrong
+    matrix = ConfusionMatrix(4)
+    matrix.update(torch.tensor([0, 0, 0, 1, 1, 2, 3, 3]), torch.tensor([0, 1, 2, 0, 1, 0, 3, 0]))
+    bound = matrix.split_within_sets(np.array([0, 0, 1, -1]))
+    assert bound.matrix.tolist() == [[2, 0, 1, 0], [0, 2, 0, 0], [1, 0, 0, 0], [1, 0, 0, 1]]
+    assert bound.matrix.sum() == matrix.matrix.sum() and matrix.matrix[0, 1] == 1  # the original is kept
+    assert bound.report("abcd")["miou_labelled"] > matrix.report("abcd")["miou_labelled"]
+    with pytest.raises(ValueError, match="one set per class"):
+        matrix.split_within_sets(np.array([0, 0, 1]))
+
+
+def test_evaluate_reports_the_split_bound_of_a_label_map(tmp_path, capsys):
+    import json
+
+    from conftest import trained_bn_model
+
+    from icnet_ros.data.synthetic import make_drives
+    from icnet_ros.evaluation.cli import main
+    from icnet_ros.model.checkpoint import save_model
+
+    make_drives(tmp_path / "data", {"val": 1}, 64, 128)
+    checkpoint = save_model(tmp_path / "m.safetensors", trained_bn_model(num_classes=19, class_map="cityscapes"))
+    args = [str(checkpoint), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"), "--split", "val",
+            "--branches", "sub124", "--json", str(tmp_path / "r.json")]
+    assert main(args + ["--split-bound", "cityscapes_to_camvid"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())["branches"]["sub124"]
+    assert report["split_bound"]["miou_labelled"] >= report["miou_labelled"]
+    assert "every set split perfectly" in capsys.readouterr().out
+    # the bound needs scores in the label map's source classes, not in its coarser ones
+    assert main(args + ["--split-bound", "cityscapes_to_camvid", "--label-map", "cityscapes_to_camvid"]) == 1
+    assert "--split-bound cityscapes_to_camvid splits 'cityscapes' classes" in capsys.readouterr().err
+
+
 def _scene(rng, height=64, width=128):
     """Raw Cityscapes label ids in blocks, with some void ids, and a noisy train-id prediction."""
     class_map = load_class_map("cityscapes")

@@ -22,6 +22,7 @@ import numpy as np
 
 from icnet_ros.atomic import atomic_path
 from icnet_ros.classmap import ClassMap, load_class_map
+from icnet_ros.config import ConfigError, read_yaml_mapping
 
 ANNOTATED_FRAME = 19  # Cityscapes annotates the 20th frame of each 30-frame snippet
 CAMERA_HEIGHT = 1.5  # metres
@@ -35,7 +36,7 @@ APPEARANCE = {
     "rider": (60, 60, 150), "car": (40, 60, 140), "truck": (200, 200, 210), "bus": (200, 120, 40),
     "train": (150, 160, 170), "motorcycle": (40, 40, 40), "bicycle": (170, 30, 40),
 }
-# (kind, width m, height m, how often) of objects on or beside the road.
+# (kind, width m, height m, how often) of objects on or beside the road; --object-mix overrides how often.
 OBJECTS = [("car", 1.8, 1.5, 6), ("truck", 2.4, 3.2, 1), ("bus", 2.5, 3.2, 1), ("train", 2.6, 3.5, 0.4),
            ("person", 0.5, 1.75, 5), ("rider_bicycle", 0.6, 1.8, 2), ("rider_motorcycle", 0.8, 1.6, 1.5),
            ("pole_sign", 0.15, 3.0, 3), ("pole_light", 0.15, 4.0, 2.5), ("bicycle", 0.6, 1.0, 1)]
@@ -64,10 +65,26 @@ class Canvas:
         self.label[mask] = self.ids[name]
 
 
-def scene_objects(rng: np.random.Generator, count: int = 26) -> list[dict]:
+def load_object_mix(path: Path) -> dict[str, float]:
+    """How often each object kind appears (relative), from a YAML mapping such as
+    config/synthetic/street_mix.yaml; kinds it leaves out keep OBJECTS' value."""
+    mix = read_yaml_mapping(path)
+    kinds = [o[0] for o in OBJECTS]
+    for kind, weight in mix.items():
+        if kind not in kinds:
+            raise ConfigError(f"{path}: unknown object kind {kind!r}; the kinds are {kinds}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"{path}: {kind} must be a non-negative number (how often, relative), got {weight!r}")
+    if not any(mix.get(o[0], o[3]) > 0 for o in OBJECTS):
+        raise ConfigError(f"{path}: every object kind has weight 0; give at least one a positive weight")
+    return {kind: float(weight) for kind, weight in mix.items()}
+
+
+def scene_objects(rng: np.random.Generator, count: int = 26, object_mix: dict[str, float] | None = None
+                  ) -> list[dict]:
     """Objects in world coordinates: lateral x (m, right positive) and depth z (m)."""
     kinds = [o[0] for o in OBJECTS]
-    weights = np.asarray([o[3] for o in OBJECTS], float)
+    weights = np.asarray([(object_mix or {}).get(o[0], o[3]) for o in OBJECTS], float)
     objects = []
     for _ in range(count):
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
@@ -89,6 +106,7 @@ class Scene:
     seed: int
     height: int
     width: int
+    object_mix: dict[str, float] | None = None  # load_object_mix; None: OBJECTS' own
 
     def __post_init__(self):
         rng = np.random.default_rng(self.seed)
@@ -100,7 +118,7 @@ class Scene:
         self.left_kind, self.right_kind = rng.choice(["building", "vegetation", "wall_building", "terrain"], 2)
         self.building_tops = rng.uniform(0.05, 0.35, 16)
         self.building_colors = rng.uniform(60, 200, (16, 3))
-        self.objects = scene_objects(rng)
+        self.objects = scene_objects(rng, object_mix=self.object_mix)
         self.texture = rng.normal(0, 1, (self.height, self.width)).astype(np.float32)
 
     def project(self, x: float, y: float, z: float) -> tuple[float, float]:
@@ -240,18 +258,19 @@ def write_annotated(root: Path, split: str, city: str, sequence: int, image, lab
 
 
 def make_drives(out: Path, splits: dict[str, int], height: int, width: int, seed: int = 0, city: str = "synth",
-                sequences: int = 0, frames_per_sequence: int = 30, class_map: ClassMap | None = None) -> dict:
+                sequences: int = 0, frames_per_sequence: int = 30, class_map: ClassMap | None = None,
+                object_mix: dict[str, float] | None = None) -> dict:
     """Write annotated frames per split and `sequences` replayable snippets; returns counts."""
     class_map = class_map or load_class_map("cityscapes")
     counts = {}
     for split_index, (split, count) in enumerate(splits.items()):
         for sequence in range(count):
-            scene = Scene(seed * 100_003 + split_index * 10_007 + sequence, height, width)
+            scene = Scene(seed * 100_003 + split_index * 10_007 + sequence, height, width, object_mix)
             write_annotated(out, split, city, sequence, *scene.render(ANNOTATED_FRAME, class_map), class_map)
         counts[split] = count
     sequence_split = next(iter(splits), "val")
     for sequence in range(sequences):
-        scene = Scene(seed * 100_003 + 99_991 + sequence, height, width)
+        scene = Scene(seed * 100_003 + 99_991 + sequence, height, width, object_mix)
         for frame in range(frames_per_sequence):
             image, _ = scene.render(frame, class_map)
             name = f"{city}_{sequence:06d}_{frame:06d}_leftImg8bit.png"
@@ -281,9 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--city", default="synth")
     parser.add_argument("--sequences", type=int, default=0, help="replayable snippets in leftImg8bit_sequence/")
     parser.add_argument("--frames-per-sequence", type=int, default=30)
+    parser.add_argument("--object-mix", type=Path,
+                        help="YAML of how often each object kind appears (e.g. config/synthetic/street_mix.yaml: "
+                             "real streets' proportions); default: the generator's own, rich in rare vehicles")
     args = parser.parse_args(argv)
+    try:
+        object_mix = load_object_mix(args.object_mix) if args.object_mix else None
+    except (ConfigError, OSError) as error:
+        print(f"icnet-make-drives: {error}", file=sys.stderr)
+        return 2
     counts = make_drives(args.out, args.splits, args.height, args.width, args.seed, args.city, args.sequences,
-                         args.frames_per_sequence)
+                         args.frames_per_sequence, object_mix=object_mix)
     print(f"wrote {counts} at {args.height}x{args.width} to {args.out} (Cityscapes layout)")
     return 0
 

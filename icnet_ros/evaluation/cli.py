@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from icnet_ros.atomic import atomic_write_text
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-map", choices=available_label_maps(),
                         help="score a model on another data set's labels, mapped through "
                              "config/label_maps/<name>.yaml (e.g. a CamVid model on Cityscapes frames)")
+    parser.add_argument("--split-bound", choices=available_label_maps(), metavar="LABEL_MAP",
+                        help="also report the scores had every set of this label map (from the model's classes "
+                             "to coarser ones, e.g. cityscapes_to_camvid) been split perfectly: how far better "
+                             "splits alone could take a model trained on the coarser labels")
     parser.add_argument("--high-res-regions", type=int, default=None,
                         help="score sub124 with the high-resolution path in this many regions per image only "
                              "(spatial sparsity; 0: sub24 everywhere)")
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         class_map = load_class_map(model.config.class_map)
         input_size = parse_input_size(args.input_size, model.config.input_size)
         dataset, scored_map, prediction_lut = load_scored_dataset(args, class_map)
+        split_sets = split_bound_sets(args.split_bound, scored_map) if args.split_bound else None
         if args.high_res_regions is not None:
             resolve_selector(model, args.region_selector)  # a gate asked of a network without one, say
     except (ValueError, FileNotFoundError) as error:
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         sparse = None if args.high_res_regions is None else SparseRegions(args.high_res_regions, args.region_selector,
                                                                          args.region_size)
         report = evaluate(model, dataset, scored_map, args.device, args.branches, input_size, writer,
-                          prediction_lut=prediction_lut, sparse=sparse)
+                          prediction_lut=prediction_lut, sparse=sparse, split_sets=split_sets)
     except DatasetError as error:
         hint = "" if args.label_map else f" (labels of another class map? --label-map takes {available_label_maps()})"
         print(f"icnet-evaluate: {error}{hint}", file=sys.stderr)
@@ -120,6 +126,17 @@ def load_scored_dataset(args, class_map):
     return dataset, target, predictions
 
 
+def split_bound_sets(name: str, scored_map) -> np.ndarray:
+    """Each scored class's set under label map `name`, which must map the scored classes."""
+    label_map = load_label_map(name)
+    if label_map.source.name != scored_map.name:
+        raise ValueError(f"--split-bound {name} splits {label_map.source.name!r} classes into sets, but the scores "
+                         f"are in {scored_map.name!r} classes; use a label map from {scored_map.name!r} "
+                         f"(and no --label-map that scores in other classes)")
+    sets = np.asarray(label_map.lut[:scored_map.num_classes], dtype=np.int64)
+    return np.where(sets == label_map.target.ignore_index, -1, sets)  # a class mapped to nothing is in no set
+
+
 def format_report(report: dict, class_names) -> str:
     """A Markdown table: one row per class, one column per branch."""
     branches = list(report["branches"])
@@ -130,6 +147,10 @@ def format_report(report: dict, class_names) -> str:
         lines.append(f"| {name} | " + " | ".join(pct(report["branches"][b]["iou"][name]) for b in branches) + " |")
     for key in ("miou", "miou_labelled", "pixel_acc"):
         lines.append(f"| **{key}** | " + " | ".join(pct(report["branches"][b][key]) for b in branches) + " |")
+    if all("split_bound" in report["branches"][b] for b in branches):
+        for key in ("miou", "miou_labelled"):
+            lines.append(f"| **{key}, every set split perfectly** | "
+                         + " | ".join(pct(report["branches"][b]["split_bound"][key]) for b in branches) + " |")
     return "\n".join(lines)
 
 

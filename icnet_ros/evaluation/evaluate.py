@@ -62,13 +62,15 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
              input_size: tuple[int, int] | None = None,
              on_prediction: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
              progress: bool = True, prediction_lut: np.ndarray | None = None,
-             sparse: SparseRegions | None = None) -> dict[str, dict]:
+             sparse: SparseRegions | None = None, split_sets: np.ndarray | None = None) -> dict[str, dict]:
     """{branch: {'miou', 'pixel_acc', 'iou': {class: IoU}}} over every sample of `dataset`.
 
     class_map: the classes scored, those of the dataset's labels. prediction_lut maps the model's
     class ids to them when the model predicts another class map (LabelMap.lut: a Cityscapes model
     scored on CamVid labels); on_prediction still sees the model's own classes.
     Branches the model does not have (an imported evaluation net has sub124 only) are left out.
+    split_sets: each scored class's set in a coarser class map (LabelMap.lut); each branch then also
+    reports 'split_bound', its scores had every set been split perfectly (ConfusionMatrix.split_within_sets).
     """
     branches = ["sub124"] if sparse is not None else [b for b in branches if b in model.config.branches]
     if not branches:
@@ -92,6 +94,8 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
     for branch, matrix in matrices.items():
         matrix.reduce_across_processes()
         reports[branch] = matrix.report(class_map.names)
+        if split_sets is not None:
+            reports[branch]["split_bound"] = matrix.split_within_sets(split_sets).report(class_map.names)
     return reports
 
 

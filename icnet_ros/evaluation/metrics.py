@@ -47,6 +47,26 @@ class ConfusionMatrix:
         total = int(self.matrix.sum())
         return float(self.matrix.diag().sum()) / total if total else math.nan
 
+    def split_within_sets(self, set_of) -> "ConfusionMatrix":
+        """This matrix as if every prediction inside the ground truth's own set had been right.
+
+        set_of[c] is the set (a class of a coarser class map) that class c belongs to, negative
+        for none. The result bounds what telling each set's members apart better, and nothing else,
+        could give: a model trained on coarser labels learns its sets from them, their splits elsewhere.
+        """
+        set_of = np.asarray(set_of)
+        if set_of.shape != (self.num_classes,):
+            raise ValueError(f"set_of needs one set per class ({self.num_classes}), got shape {set_of.shape}")
+        same_set = (set_of[:, None] == set_of[None, :]) & (set_of[:, None] >= 0)
+        matrix = self.matrix.numpy().copy()
+        moved = np.where(same_set, matrix, 0)
+        np.fill_diagonal(moved, 0)
+        matrix -= moved
+        matrix[np.diag_indices(self.num_classes)] += moved.sum(1)
+        result = ConfusionMatrix(self.num_classes, self.ignore_index)
+        result.matrix = torch.from_numpy(matrix)
+        return result
+
     def report(self, class_names) -> dict:
         """{'miou', 'miou_labelled', 'pixel_acc', 'iou': {class: value or None}}, NaN shown as None (JSON-safe).
 

@@ -54,7 +54,12 @@ CITYSCAPES = BundledModel("cityscapes", "cityscapes_keep0.25.safetensors", "city
                           "&& icnet-train --config config/train/cityscapes_settle_cpu.yaml data_root=<CamVid (SegNet layout)> "
                           "&& icnet-train --config config/train/cityscapes_rare_cpu.yaml data_root=<CamVid (SegNet layout)> "
                           "&& python -m icnet_ros.model.checkpoint runs/cityscapes_settle/model.safetensors "
-                          "cityscapes_keep0.25.safetensors --average-with runs/cityscapes_rare/model.safetensors --fp16")
+                          "runs/cityscapes_soup/model.safetensors --average-with runs/cityscapes_rare/model.safetensors --fp16 "
+                          "&& icnet-make-drives --out data/street_drives --splits train=400 --height 512 --width 1024 "
+                          "--object-mix config/synthetic/street_mix.yaml "
+                          "&& icnet-train --config config/train/cityscapes_street_cpu.yaml data_root=<CamVid (SegNet layout)> "
+                          "&& python -m icnet_ros.model.checkpoint runs/cityscapes_street/model.safetensors "
+                          "cityscapes_keep0.25.safetensors --fp16")
 # the first bundled model of a dataset and keep rate is the one selected by them
 BUNDLED_MODELS = (CITYSCAPES, CAMVID, CAMVID_SPARSE, DEMO)
 BUNDLED_BY_NAME = {model.name: model for model in BUNDLED_MODELS}
