@@ -11,8 +11,8 @@
 #      batches of 2 and 4 against batch 1 (the frames are 1024x2048: TensorRT's per-frame alignment);
 #   3. the whole node path (python -m icnet_ros.ros.overhead --device cuda, the node's two threads,
 #      labels only and all outputs) at 1024x2048 with the CamVid model;
-#   4. the GPU tests (test/test_engine_gpu.py, test/test_tensorrt.py, test/test_graph_cache.py, test/test_optimize.py,
-#      test/test_cuda_runner.py);
+#   4. the GPU tests (test/test_engine_gpu.py, test/test_tensorrt.py, test/test_graph_cache.py,
+#      test/test_cuda_runner.py, test/test_optimize.py);
 #   5. the full table: keep 0.5 and 0.25, sub124 and sub4, batch 1 and 4, labels and all outputs.
 #
 # Run from anywhere: bash ci/gpu_checks.sh. It uses the package from this checkout (PYTHONPATH) and the

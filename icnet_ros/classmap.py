@@ -118,6 +118,11 @@ class LabelMap:
                                 f"{self.target.name!r} class for every {self.source.name!r} class")
         return lut
 
+    def source_sets(self) -> np.ndarray:
+        """source class id -> the target class whose set it belongs to, -1 for a class mapped to nothing."""
+        lut = self.lut[:self.source.num_classes]
+        return np.where(lut == self.target.ignore_index, -1, lut)
+
 
 def available_label_maps() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "label_maps").glob("*.yaml"))

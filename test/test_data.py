@@ -1,17 +1,21 @@
 """Data: synthetic drives, the Cityscapes / CamVid / COCO-Stuff layouts, bad data, augmentation."""
+import hashlib
+
 import cv2
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from icnet_ros.classmap import load_class_map
-from icnet_ros.data.datasets import DatasetError, build_dataset, cityscapes_sequence_frames
 from icnet_ros.config import ConfigError
+from icnet_ros.data.datasets import DatasetError, build_dataset, cityscapes_sequence_frames
 from icnet_ros.data.synthetic import OBJECTS, Scene, load_object_mix, main, make_drives
-from icnet_ros.paths import config_dir
 from icnet_ros.data.transforms import augment_sample
+from icnet_ros.paths import config_dir
 
 CITYSCAPES = load_class_map("cityscapes")
+# sha256 (first 16 hex digits) of Scene(7, 64, 128).render(19)'s image bytes, then its labels
+OWN_MIX_SCENE_7 = "1de55a791d964bb2"
 
 
 def test_synthetic_frames_are_deterministic_per_seed():
@@ -35,13 +39,13 @@ def test_a_sequence_drives_forward():
     assert 0 < np.abs(frames[1] - frames[0]).mean() < np.abs(frames[2] - frames[0]).mean()
 
 
-def _scene_objects(mix, seeds=range(40)):
+def _object_kinds(mix, seeds=range(40)):
     return [o["kind"] for seed in seeds for o in Scene(seed, 64, 128, mix).objects]
 
 
 def test_the_street_mix_makes_cars_outnumber_large_vehicles_and_signs_outnumber_lights():
     mix = load_object_mix(config_dir() / "synthetic" / "street_mix.yaml")
-    own, street = _scene_objects(None), _scene_objects(mix)
+    own, street = _object_kinds(None), _object_kinds(mix)
     large = ("truck", "bus", "train")
     assert sum(street.count(k) for k in large) * 20 < street.count("car")  # by count; ~88 % of the pixels
     assert sum(own.count(k) for k in large) * 5 > own.count("car")
@@ -53,13 +57,18 @@ def test_the_street_mix_makes_cars_outnumber_large_vehicles_and_signs_outnumber_
 
 def test_without_an_object_mix_the_generator_writes_its_own_frames(tmp_path):
     (tmp_path / "empty.yaml").write_text("{}\n")
-    own = Scene(7, 64, 128).render(19, CITYSCAPES)[1]
-    assert np.array_equal(Scene(7, 64, 128, load_object_mix(tmp_path / "empty.yaml")).render(19, CITYSCAPES)[1], own)
+    image, label = Scene(7, 64, 128).render(19, CITYSCAPES)
+    # the frame every earlier drive held (object mixes came later): the data the bundled models learnt from
+    assert hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest()[:16] == OWN_MIX_SCENE_7
+    empty_mix = load_object_mix(tmp_path / "empty.yaml")
+    assert np.array_equal(Scene(7, 64, 128, empty_mix).render(19, CITYSCAPES)[1], label)
 
 
 @pytest.mark.parametrize("text, says", [("lorry: 1\n", "unknown object kind 'lorry'"),
                                         ("car: -1\n", "non-negative number"),
                                         ("car: many\n", "non-negative number"),
+                                        ("car: .nan\n", "finite non-negative number"),
+                                        ("car: [1\n", "not valid YAML"),
                                         ("- car\n", "mapping")])
 def test_a_bad_object_mix_is_refused_naming_what_is_wrong(tmp_path, text, says):
     path = tmp_path / "mix.yaml"

@@ -196,6 +196,11 @@ def test_a_label_map_leaving_a_class_unmapped_cannot_score_or_start_predictions(
     with pytest.raises(ClassMapError, match=r"maps \['terrain'\] to nothing; validation needs"):
         with_null.prediction_lut("validation")
     assert np.array_equal(label_map.prediction_lut("validation"), label_map.lut[:19])
+    # as sets for a split bound, a class mapped to nothing is in no set, not in a set of the unmapped
+    sets = with_null.source_sets()
+    assert sets[CITYSCAPES.index("terrain")] == -1
+    assert sets[CITYSCAPES.index("vegetation")] == CAMVID.index("tree")
+    assert np.array_equal(label_map.source_sets(), label_map.lut[:19])
 
 
 def test_init_classes_from_without_a_checkpoint_is_refused():

@@ -39,13 +39,14 @@ def test_miou_labelled_leaves_out_classes_only_predicted():
 
 
 def test_splitting_sets_perfectly_moves_only_confusions_inside_a_set():
-    # classes a, b form one set, c another, d none: a<->b confusions become right, a<->c stay wrong
-    matrix = ConfusionMatrix(4)
-    matrix.update(torch.tensor([0, 0, 0, 1, 1, 2, 3, 3]), torch.tensor([0, 1, 2, 0, 1, 0, 3, 0]))
-    bound = matrix.split_within_sets(np.array([0, 0, 1, -1]))
-    assert bound.matrix.tolist() == [[2, 0, 1, 0], [0, 2, 0, 0], [1, 0, 0, 0], [1, 0, 0, 1]]
+    # a, b form one set, c another, d and e none: a<->b confusions become right, a<->c and d<->e stay wrong
+    matrix = ConfusionMatrix(5)
+    matrix.update(torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4]), torch.tensor([0, 1, 2, 0, 1, 0, 3, 4, 3]))
+    bound = matrix.split_within_sets(np.array([0, 0, 1, -1, -1]))
+    assert bound.matrix.tolist() == [[2, 0, 1, 0, 0], [0, 2, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 1],
+                                     [0, 0, 0, 1, 0]]
     assert bound.matrix.sum() == matrix.matrix.sum() and matrix.matrix[0, 1] == 1  # the original is kept
-    assert bound.report("abcd")["miou_labelled"] > matrix.report("abcd")["miou_labelled"]
+    assert bound.report("abcde")["miou_labelled"] > matrix.report("abcde")["miou_labelled"]
     with pytest.raises(ValueError, match="one set per class"):
         matrix.split_within_sets(np.array([0, 0, 1]))
 
@@ -65,8 +66,15 @@ def test_evaluate_reports_the_split_bound_of_a_label_map(tmp_path, capsys):
             "--branches", "sub124", "--json", str(tmp_path / "r.json")]
     assert main(args + ["--split-bound", "cityscapes_to_camvid"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())["branches"]["sub124"]
-    assert report["split_bound"]["miou_labelled"] >= report["miou_labelled"]
     assert "every set split perfectly" in capsys.readouterr().out
+    # a class that is a set of its own keeps its IoU; a merged one gains what its set's members confused
+    for alone in ("road", "sky", "sidewalk"):
+        assert report["split_bound"]["iou"][alone] == report["iou"][alone]
+    assert report["split_bound"]["iou"]["car"] >= report["iou"]["car"]
+    # right up to the set is the same as right after mapping both to CamVid's classes
+    assert main(args + ["--label-map", "cityscapes_to_camvid"]) == 0
+    mapped = json.loads((tmp_path / "r.json").read_text())["branches"]["sub124"]
+    assert report["split_bound"]["pixel_acc"] == pytest.approx(mapped["pixel_acc"])
     # the bound needs scores in the label map's source classes, not in its coarser ones
     assert main(args + ["--split-bound", "cityscapes_to_camvid", "--label-map", "cityscapes_to_camvid"]) == 1
     assert "--split-bound cityscapes_to_camvid splits 'cityscapes' classes" in capsys.readouterr().err

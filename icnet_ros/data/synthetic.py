@@ -13,12 +13,14 @@ seed, so the same command always writes the same bytes. Output is the Cityscapes
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 from icnet_ros.atomic import atomic_path
 from icnet_ros.classmap import ClassMap, load_class_map
@@ -65,17 +67,29 @@ class Canvas:
         self.label[mask] = self.ids[name]
 
 
+OBJECT_KINDS = [kind for kind, *_ in OBJECTS]
+
+
+def object_weights(object_mix: dict[str, float] | None) -> np.ndarray:
+    """How often each of OBJECT_KINDS is drawn: object_mix's value, else OBJECTS' own."""
+    return np.asarray([(object_mix or {}).get(kind, how_often) for kind, _, _, how_often in OBJECTS], float)
+
+
 def load_object_mix(path: Path) -> dict[str, float]:
     """How often each object kind appears (relative), from a YAML mapping such as
     config/synthetic/street_mix.yaml; kinds it leaves out keep OBJECTS' value."""
-    mix = read_yaml_mapping(path)
-    kinds = [o[0] for o in OBJECTS]
+    try:
+        mix = read_yaml_mapping(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
     for kind, weight in mix.items():
-        if kind not in kinds:
-            raise ConfigError(f"{path}: unknown object kind {kind!r}; the kinds are {kinds}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError(f"{path}: {kind} must be a non-negative number (how often, relative), got {weight!r}")
-    if not any(mix.get(o[0], o[3]) > 0 for o in OBJECTS):
+        if kind not in OBJECT_KINDS:
+            raise ConfigError(f"{path}: unknown object kind {kind!r}; the kinds are {OBJECT_KINDS}")
+        is_number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not is_number or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"{path}: {kind} must be a finite non-negative number (how often, relative), "
+                              f"got {weight!r}")
+    if not object_weights(mix).any():
         raise ConfigError(f"{path}: every object kind has weight 0; give at least one a positive weight")
     return {kind: float(weight) for kind, weight in mix.items()}
 
@@ -83,11 +97,10 @@ def load_object_mix(path: Path) -> dict[str, float]:
 def scene_objects(rng: np.random.Generator, count: int = 26, object_mix: dict[str, float] | None = None
                   ) -> list[dict]:
     """Objects in world coordinates: lateral x (m, right positive) and depth z (m)."""
-    kinds = [o[0] for o in OBJECTS]
-    weights = np.asarray([(object_mix or {}).get(o[0], o[3]) for o in OBJECTS], float)
+    weights = object_weights(object_mix)
     objects = []
     for _ in range(count):
-        kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+        kind = OBJECT_KINDS[rng.choice(len(OBJECT_KINDS), p=weights / weights.sum())]
         spec = next(o for o in OBJECTS if o[0] == kind)
         on_road = kind in ("car", "truck", "bus", "rider_motorcycle", "rider_bicycle")
         side = rng.choice([-1, 1])
@@ -260,7 +273,10 @@ def write_annotated(root: Path, split: str, city: str, sequence: int, image, lab
 def make_drives(out: Path, splits: dict[str, int], height: int, width: int, seed: int = 0, city: str = "synth",
                 sequences: int = 0, frames_per_sequence: int = 30, class_map: ClassMap | None = None,
                 object_mix: dict[str, float] | None = None) -> dict:
-    """Write annotated frames per split and `sequences` replayable snippets; returns counts."""
+    """Write annotated frames per split and `sequences` replayable snippets; returns counts.
+
+    object_mix: how often each object kind appears (load_object_mix); None keeps the generator's own.
+    """
     class_map = class_map or load_class_map("cityscapes")
     counts = {}
     for split_index, (split, count) in enumerate(splits.items()):

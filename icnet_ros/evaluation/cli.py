@@ -130,11 +130,10 @@ def split_bound_sets(name: str, scored_map) -> np.ndarray:
     """Each scored class's set under label map `name`, which must map the scored classes."""
     label_map = load_label_map(name)
     if label_map.source.name != scored_map.name:
-        raise ValueError(f"--split-bound {name} splits {label_map.source.name!r} classes into sets, but the scores "
-                         f"are in {scored_map.name!r} classes; use a label map from {scored_map.name!r} "
-                         f"(and no --label-map that scores in other classes)")
-    sets = np.asarray(label_map.lut[:scored_map.num_classes], dtype=np.int64)
-    return np.where(sets == label_map.target.ignore_index, -1, sets)  # a class mapped to nothing is in no set
+        raise ValueError(f"--split-bound {name} splits {label_map.source.name!r} classes into sets, but the "
+                         f"scores are in {scored_map.name!r} classes; drop --label-map to score in the model's "
+                         f"own classes")
+    return label_map.source_sets()
 
 
 def format_report(report: dict, class_names) -> str:

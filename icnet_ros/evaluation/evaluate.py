@@ -69,7 +69,7 @@ def evaluate(model: ICNet, dataset, class_map: ClassMap, device="cpu", branches=
     class ids to them when the model predicts another class map (LabelMap.lut: a Cityscapes model
     scored on CamVid labels); on_prediction still sees the model's own classes.
     Branches the model does not have (an imported evaluation net has sub124 only) are left out.
-    split_sets: each scored class's set in a coarser class map (LabelMap.lut); each branch then also
+    split_sets: each scored class's set in a coarser class map (LabelMap.source_sets); each branch then also
     reports 'split_bound', its scores had every set been split perfectly (ConfusionMatrix.split_within_sets).
     """
     branches = ["sub124"] if sparse is not None else [b for b in branches if b in model.config.branches]

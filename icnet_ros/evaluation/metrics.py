@@ -47,12 +47,13 @@ class ConfusionMatrix:
         total = int(self.matrix.sum())
         return float(self.matrix.diag().sum()) / total if total else math.nan
 
-    def split_within_sets(self, set_of) -> "ConfusionMatrix":
+    def split_within_sets(self, set_of) -> ConfusionMatrix:
         """This matrix as if every prediction inside the ground truth's own set had been right.
 
-        set_of[c] is the set (a class of a coarser class map) that class c belongs to, negative
-        for none. The result bounds what telling each set's members apart better, and nothing else,
-        could give: a model trained on coarser labels learns its sets from them, their splits elsewhere.
+        set_of[c] is the set (a class of a coarser class map) that class c belongs to, negative for
+        none (LabelMap.source_sets). The result bounds what telling each set's members apart better,
+        and nothing else, could give: a model trained on coarser labels learns its sets from them,
+        their splits elsewhere.
         """
         set_of = np.asarray(set_of)
         if set_of.shape != (self.num_classes,):
