@@ -9,7 +9,15 @@ from conftest import SHARED_DATA
 from icnet_ros.classmap import load_class_map
 from icnet_ros.config import ConfigError
 from icnet_ros.data.datasets import DatasetError, build_dataset, cityscapes_sequence_frames
-from icnet_ros.data.synthetic import OBJECTS, Scene, load_object_mix, main, make_drives
+from icnet_ros.data.synthetic import (
+    MANIFEST,
+    OBJECTS,
+    Scene,
+    load_object_mix,
+    main,
+    make_drives,
+    read_manifest,
+)
 from icnet_ros.data.transforms import augment_sample
 from icnet_ros.paths import config_dir
 
@@ -77,6 +85,19 @@ def test_a_bad_object_mix_is_refused_naming_what_is_wrong(tmp_path, text, says):
         load_object_mix(path)
     assert main(["--out", str(tmp_path / "out"), "--splits", "train=1", "--object-mix", str(path)]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_drives_record_how_each_split_was_made(tmp_path):
+    make_drives(tmp_path, {"train": 2}, 32, 64, seed=3, object_mix={"car": 1.0})
+    make_drives(tmp_path, {"val": 1}, 32, 64)  # another split into the same folder keeps the first's record
+    splits = read_manifest(tmp_path)["splits"]
+    assert splits["train"] == {"frames": 2, "seed": 3, "height": 32, "width": 64, "city": "synth",
+                               "object_mix": {"car": 1.0}}
+    assert splits["val"]["object_mix"] is None and splits["val"]["seed"] == 0
+    assert read_manifest(tmp_path / "nothing here") is None
+    (tmp_path / MANIFEST).write_text("[]\n")
+    with pytest.raises(ConfigError, match="not a drives manifest"):
+        read_manifest(tmp_path)
 
 
 def test_an_all_zero_object_mix_is_refused(tmp_path):

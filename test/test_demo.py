@@ -10,6 +10,7 @@ import pytest
 from icnet_ros import demo
 from icnet_ros.bags.io import iter_image_messages
 from icnet_ros.classmap import load_class_map
+from icnet_ros.data.synthetic import load_object_mix
 from icnet_ros.inference import SegmentationEngine
 from icnet_ros.model.checkpoint import read_checkpoint
 from icnet_ros.model.registry import (
@@ -20,6 +21,7 @@ from icnet_ros.model.registry import (
     cityscapes_weights,
     demo_weights,
 )
+from icnet_ros.paths import config_dir
 from icnet_ros.visualization import draw_legend, present_classes
 
 
@@ -73,6 +75,9 @@ def test_the_bundled_cityscapes_model_is_the_documented_one():
     assert provenance["iteration"] == stage4["iterations"] == 2000 and stage4["class_weight_power"] == 0.75
     assert stage4["init_from"] == "runs/cityscapes_soup/model.safetensors"
     assert stage4["mix"][0]["data_root"] == "data/street_drives"
+    street_mix = load_object_mix(config_dir() / "synthetic" / "street_mix.yaml")
+    assert provenance["data"][1]["generated"] == {"frames": 400, "seed": 0, "height": 512, "width": 1024,
+                                                  "city": "synth", "object_mix": street_mix}
     assert [(d["dataset"], d["label_sets"], d["per_batch"]) for d in provenance["data"]] == [
         ("camvid", "cityscapes_to_camvid", 7), ("cityscapes", None, 1)]
     # the plain mean of stage 2 and stage 3, which continued stage 2 with rare classes weighed fully

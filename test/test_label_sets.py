@@ -137,8 +137,10 @@ def test_training_data_mixes_camvid_sets_with_exact_labels_and_records_its_prove
             lines.append(f"/SegNet/CamVid/{split}/f{i}.png /SegNet/CamVid/{split}annot/f{i}.png")
         (camvid / f"{split}.txt").write_text("\n".join(lines) + "\n")
     synthetic = tmp_path / "synthetic"
+    (tmp_path / "mix.yaml").write_text("truck: 0\n")
     subprocess.run([sys.executable, "-m", "icnet_ros.data.synthetic", "--out", str(synthetic), "--splits", "train=2",
-                    "--height", "48", "--width", "96"], check=True, capture_output=True)
+                    "--height", "48", "--width", "96", "--object-mix", str(tmp_path / "mix.yaml")],
+                   check=True, capture_output=True)
     _camvid_model(tmp_path / "camvid.safetensors")
     out = tmp_path / "run"
     mix = json.dumps([{"dataset": "cityscapes", "data_root": str(synthetic), "split": "train", "per_batch": 1}])
@@ -152,6 +154,10 @@ def test_training_data_mixes_camvid_sets_with_exact_labels_and_records_its_prove
     assert config.class_map == "cityscapes" and config.num_classes == 19
     assert [(d["dataset"], d["label_sets"], d["per_batch"]) for d in provenance["data"]] == [
         ("camvid", "cityscapes_to_camvid", 1), ("cityscapes", None, 1)]
+    # the generated drives say how they were made; real frames say nothing more
+    assert "generated" not in provenance["data"][0]
+    assert provenance["data"][1]["generated"] == {"frames": 2, "seed": 0, "height": 48, "width": 96, "city": "synth",
+                                                  "object_mix": {"truck": 0.0}}
     assert provenance["init_from_provenance"] is not None and provenance["iteration"] == 2
     assert "camvid:building" in provenance["targets"]
     # validation scored the 19-class predictions as CamVid's classes

@@ -13,6 +13,7 @@ seed, so the same command always writes the same bytes. Output is the Cityscapes
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ import cv2
 import numpy as np
 import yaml
 
-from icnet_ros.atomic import atomic_path
+from icnet_ros.atomic import atomic_path, atomic_write_text
 from icnet_ros.classmap import ClassMap, load_class_map
 from icnet_ros.config import ConfigError, read_yaml_mapping
 
 ANNOTATED_FRAME = 19  # Cityscapes annotates the 20th frame of each 30-frame snippet
+MANIFEST = "icnet_drives.json"  # how each split was made; training copies it into a model's provenance
 CAMERA_HEIGHT = 1.5  # metres
 SPEED = 0.8  # metres per frame (about 50 km/h at 17 Hz)
 
@@ -284,6 +286,8 @@ def make_drives(out: Path, splits: dict[str, int], height: int, width: int, seed
             scene = Scene(seed * 100_003 + split_index * 10_007 + sequence, height, width, object_mix)
             write_annotated(out, split, city, sequence, *scene.render(ANNOTATED_FRAME, class_map), class_map)
         counts[split] = count
+    record_splits(out, {split: {"frames": count, "seed": seed, "height": height, "width": width, "city": city,
+                                "object_mix": object_mix} for split, count in splits.items()})
     sequence_split = next(iter(splits), "val")
     for sequence in range(sequences):
         scene = Scene(seed * 100_003 + 99_991 + sequence, height, width, object_mix)
@@ -293,6 +297,26 @@ def make_drives(out: Path, splits: dict[str, int], height: int, width: int, seed
             write_png(out / "leftImg8bit_sequence" / sequence_split / city / name, image[..., ::-1])
     counts["sequence_frames"] = sequences * frames_per_sequence
     return counts
+
+
+def record_splits(out: Path, splits: dict[str, dict]) -> None:
+    """Add how these splits were made to out's manifest, keeping the other splits' records."""
+    manifest = read_manifest(out) or {"generator": "icnet-make-drives", "splits": {}}
+    manifest["splits"].update(splits)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest of drives written under root, None where there is none (other data sets)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ConfigError(f"{path}: not a drives manifest (expected an object with 'splits'); delete it or "
+                          f"write the drives again with icnet-make-drives")
+    return manifest
 
 
 def parse_splits(text: str) -> dict[str, int]:

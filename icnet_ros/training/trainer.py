@@ -26,6 +26,7 @@ from icnet_ros.atomic import atomic_path, atomic_write_text
 from icnet_ros.classmap import ClassMap, load_class_map, load_label_map
 from icnet_ros.config import config_to_dict
 from icnet_ros.data.datasets import build_dataset
+from icnet_ros.data.synthetic import read_manifest
 from icnet_ros.data.transforms import augment_sample
 from icnet_ros.evaluation.evaluate import evaluate
 from icnet_ros.model.checkpoint import checkpoint_provenance, load_model, save_model
@@ -352,12 +353,18 @@ class TrainingData:
     val_prediction_lut: np.ndarray | None  # model class -> val class, when they differ
 
     def describe(self, config: TrainConfig) -> list[dict]:
-        """Each source as the provenance records it."""
-        specs = [(config.dataset, config.train_split, config.label_sets)]
-        specs += [(m.dataset, m.split, m.label_sets) for m in config.mix]
-        return [{"dataset": dataset, "split": split, "label_sets": label_sets or None, "images": len(source),
-                 "per_batch": share}
-                for (dataset, split, label_sets), source, share in zip(specs, self.sources, batch_shares(config))]
+        """Each source as the provenance records it; generated drives also with how they were made."""
+        specs = [(config.dataset, config.data_root, config.train_split, config.label_sets)]
+        specs += [(m.dataset, m.data_root, m.split, m.label_sets) for m in config.mix]
+        described = []
+        for (dataset, root, split, label_sets), source, share in zip(specs, self.sources, batch_shares(config)):
+            entry = {"dataset": dataset, "split": split, "label_sets": label_sets or None, "images": len(source),
+                     "per_batch": share}
+            manifest = read_manifest(root)
+            if manifest is not None and split in manifest["splits"]:
+                entry["generated"] = manifest["splits"][split]
+            described.append(entry)
+        return described
 
 
 def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingData:
@@ -508,6 +515,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         torch.use_deterministic_algorithms(True)
     class_map = load_class_map(config.class_map)
     data = build_training_data(config, class_map)
+    data.describe(config)  # a broken drives manifest stops the run now, not when the model is saved
     class_weights = resolve_class_weights(config.class_weights, config.class_weight_power, data.sources,
                                           data.vocabulary)
     model = initial_model(config, class_map)
