@@ -87,7 +87,7 @@ def test_a_bad_object_mix_is_refused_naming_what_is_wrong(tmp_path, text, says):
     assert not (tmp_path / "out").exists()
 
 
-def test_drives_record_how_each_split_was_made(tmp_path):
+def test_drives_record_how_each_split_was_made(tmp_path, monkeypatch):
     make_drives(tmp_path, {"train": 2}, 32, 64, seed=3, object_mix={"car": 1.0})
     make_drives(tmp_path, {"val": 1}, 32, 64)  # another split into the same folder keeps the first's record
     splits = read_manifest(tmp_path)["splits"]
@@ -95,6 +95,8 @@ def test_drives_record_how_each_split_was_made(tmp_path):
                                "object_mix": {"car": 1.0}}
     assert splits["val"]["object_mix"] is None and splits["val"]["seed"] == 0
     assert read_manifest(tmp_path / "nothing here") is None
+    monkeypatch.chdir(tmp_path)
+    assert read_manifest("") is None  # no data root: not the working directory's manifest
     (tmp_path / MANIFEST).write_text("[]\n")
     with pytest.raises(ConfigError, match="not a drives manifest"):
         read_manifest(tmp_path)

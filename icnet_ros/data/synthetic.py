@@ -310,7 +310,7 @@ def record_splits(out: Path, splits: dict[str, dict]) -> None:
 def read_manifest(root: Path) -> dict | None:
     """The manifest of drives written under root, None where there is none (other data sets)."""
     path = Path(root) / MANIFEST
-    if not path.is_file():
+    if not str(root) or not path.is_file():  # "" is no data root, not the working directory
         return None
     manifest = json.loads(path.read_text())
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
