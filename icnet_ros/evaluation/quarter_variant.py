@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +43,11 @@ from icnet_ros.data.datasets import build_dataset
 from icnet_ros.evaluation.sparsity_table import (
     DEFAULT_FRACTIONS,
     accuracy_by_regions,
+    add_run_options,
     conv_gmacs,
     cpu_ms,
+    median_ms,
+    parse_run_args,
     parse_size,
     region_counts,
 )
@@ -206,22 +207,11 @@ def variant_cost(config, height: int, width: int, regions: int, region_size: int
         for part in variant_parts(source, height, width, regions, crops)[parts]:
             part()
     gmacs = counter.get_flop_counts().get("Global", {}).get(torch.ops.aten.convolution, 0) / 2e9
-    ms = sum(_median_ms(part, repeats) for part in variant_parts(folded, height, width, regions, crops)[parts])
+    ms = sum(median_ms(part, repeats) for part in variant_parts(folded, height, width, regions, crops)[parts])
     return {"keep_rate": config.keep_rate, "size": f"{height}x{width}", "regions": regions,
             "of": RegionGrid(height, width, region_size).count, "half_crop_px": crops.half_image,
             "gmacs": gmacs, "cpu_ms": ms, **dense, "mac_ratio": dense["dense_gmacs"] / gmacs,
             "time_ratio": dense["dense_cpu_ms"] / ms}
-
-
-@torch.inference_mode()
-def _median_ms(function, repeats: int) -> float:
-    function()  # warm-up: oneDNN primitives for these shapes
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -239,12 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=(1024, 2048), help="network input size of the cost rows (HxW)")
     parser.add_argument("--keep-rates", type=float, nargs="*", default=[0.5, 0.25],
                         help="keep rates of the cost rows (none: accuracy only)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_run_options(parser)
+    args = parse_run_args(parser, argv)
     model = load_model(args.model).eval()
     if args.region_size % GATE_STRIDE:
         parser.error(f"--region-size must be a multiple of {GATE_STRIDE}, got {args.region_size}")

@@ -129,14 +129,19 @@ def _released(model: ICNet, image: torch.Tensor) -> torch.Tensor:
         model.region_gate = gate
 
 
-@torch.inference_mode()
 def cpu_ms(model: ICNet, height: int, width: int, regions: int | None, repeats: int) -> float:
     image = torch.randn(1, 3, height, width).contiguous(memory_format=torch.channels_last)
-    run(model, image, regions)  # warm-up: oneDNN primitives for these shapes
+    return median_ms(lambda: run(model, image, regions), repeats)
+
+
+@torch.inference_mode()
+def median_ms(function, repeats: int) -> float:
+    """Median wall milliseconds of function() over `repeats` calls, after one warm-up call."""
+    function()  # warm-up: oneDNN primitives for these shapes
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(model, image, regions)
+        function()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -170,6 +175,21 @@ def format_cost(rows) -> str:
     return "\n".join(lines)
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--repeats, --threads and --json, which every cost table here takes."""
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    parser.add_argument("--json", type=Path)
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """The parsed arguments, with --threads applied to PyTorch before anything is timed."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """"HxW" -> (H, W), for argparse."""
     height, _, width = text.partition("x")
@@ -191,12 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(1024, 2048), (720, 960)],
                         help="network input sizes timed (HxW)")
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_run_options(parser)
+    args = parse_run_args(parser, argv)
     gated = load_model(args.gated)
     if not gated.config.gate_region_size:
         print(f"error: {args.gated} has no region gate (gate_region_size 0)", file=sys.stderr)

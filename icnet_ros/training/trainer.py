@@ -334,7 +334,7 @@ class Stage:
                       "iteration": self.iteration, "train_config": config_to_dict(self.config),
                       "world_size": self.world, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                       "class_weights": self.class_weights, "targets": list(self.data.vocabulary.names),
-                      "data": self.data.describe(self.config), "init_from_provenance": self.lineage,
+                      "data": self.data.described, "init_from_provenance": self.lineage,
                       "val_miou": {b: m["miou"] for b, m in metrics.items()}}
         save_model(self.out_dir / MODEL_FILE, self.model.cpu(), provenance)
         self.model.to(self.device)
@@ -351,20 +351,23 @@ class TrainingData:
     val: object | None  # labels in val_classes
     val_classes: ClassMap
     val_prediction_lut: np.ndarray | None  # model class -> val class, when they differ
+    described: list[dict]  # each source as the provenance records it (describe_sources)
 
-    def describe(self, config: TrainConfig) -> list[dict]:
-        """Each source as the provenance records it; generated drives also with how they were made."""
-        specs = [(config.dataset, config.data_root, config.train_split, config.label_sets)]
-        specs += [(m.dataset, m.data_root, m.split, m.label_sets) for m in config.mix]
-        described = []
-        for (dataset, root, split, label_sets), source, share in zip(specs, self.sources, batch_shares(config)):
-            entry = {"dataset": dataset, "split": split, "label_sets": label_sets or None, "images": len(source),
-                     "per_batch": share}
-            manifest = read_manifest(root)
-            if manifest is not None and split in manifest["splits"]:
-                entry["generated"] = manifest["splits"][split]
-            described.append(entry)
-        return described
+
+def describe_sources(config: TrainConfig, sources: list) -> list[dict]:
+    """Each source as the provenance records it; generated drives also with how they were made, read
+    from their manifest when the data is loaded (a broken manifest stops the run before it trains)."""
+    specs = [(config.dataset, config.data_root, config.train_split, config.label_sets)]
+    specs += [(m.dataset, m.data_root, m.split, m.label_sets) for m in config.mix]
+    described = []
+    for (dataset, root, split, label_sets), source, share in zip(specs, sources, batch_shares(config)):
+        entry = {"dataset": dataset, "split": split, "label_sets": label_sets or None, "images": len(source),
+                 "per_batch": share}
+        manifest = read_manifest(root)
+        if manifest is not None and split in manifest["splits"]:
+            entry["generated"] = manifest["splits"][split]
+        described.append(entry)
+    return described
 
 
 def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingData:
@@ -390,7 +393,7 @@ def build_training_data(config: TrainConfig, class_map: ClassMap) -> TrainingDat
     if config.val_split:
         val = build_dataset(config.dataset, config.data_root, config.val_split, val_classes, skip_bad=config.skip_bad)
         val.require_labels("validation")
-    return TrainingData(sources, vocabulary, val, val_classes, prediction_lut)
+    return TrainingData(sources, vocabulary, val, val_classes, prediction_lut, describe_sources(config, sources))
 
 
 def initial_model(config: TrainConfig, class_map: ClassMap) -> ICNet:
@@ -515,7 +518,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         torch.use_deterministic_algorithms(True)
     class_map = load_class_map(config.class_map)
     data = build_training_data(config, class_map)
-    data.describe(config)  # a broken drives manifest stops the run now, not when the model is saved
     class_weights = resolve_class_weights(config.class_weights, config.class_weight_power, data.sources,
                                           data.vocabulary)
     model = initial_model(config, class_map)
